@@ -1,0 +1,1 @@
+"""Composition root of OpenKCM Global Resilience: CLI, configuration, embedded broker, drills."""

@@ -1,0 +1,1 @@
+"""One module per `openkcm` command, each with `register(subparsers)`."""
