@@ -1,0 +1,140 @@
+"""The one module that touches raw key bytes. Everything else holds `KeyHandle`s.
+
+AES-256-GCM throughout: a wrapped blob is nonce (12 bytes) || ciphertext || tag (16 bytes),
+with additional authenticated data binding what the key is (tenant, layer, version, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+_KCV_LABEL = b"openkcm-kcv-v1"
+
+
+class UnwrapError(ValueError):
+    """A blob did not authenticate under this key and AAD (wrong key, AAD or tampering)."""
+
+
+class KeyHandle:
+    """An AES-256 key in process memory. Its bytes are reachable only inside this module;
+    `repr` shows the key check value, never the key."""
+
+    __slots__ = ("_raw", "_aead")
+
+    def __init__(self, raw: bytes | bytearray) -> None:
+        if len(raw) != KEY_BYTES:
+            raise ValueError("an AES-256 key is 32 bytes")
+        self._raw: bytearray | None = bytearray(raw)
+        self._aead: AESGCM | None = AESGCM(bytes(raw))
+
+    @classmethod
+    def generate(cls) -> KeyHandle:
+        return cls(os.urandom(KEY_BYTES))
+
+    def _gcm(self) -> AESGCM:
+        if self._aead is None:
+            raise ValueError("key was destroyed")
+        return self._aead
+
+    @property
+    def kcv(self) -> str:
+        """Key check value: 12 hex digits of HMAC-SHA256(key, label). Reveals nothing useful."""
+        if self._raw is None:
+            raise ValueError("key was destroyed")
+        return hmac.new(bytes(self._raw), _KCV_LABEL, hashlib.sha256).hexdigest()[:12]
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._gcm().encrypt(nonce, plaintext, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        if len(blob) < NONCE_BYTES + TAG_BYTES:
+            raise UnwrapError("blob too short")
+        try:
+            return self._gcm().decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        except InvalidTag:
+            raise UnwrapError("blob does not authenticate under this key and AAD") from None
+
+    def wrap(self, child: KeyHandle, aad: bytes) -> bytes:
+        """Encrypt another key under this one."""
+        return self.seal(child._bytes(), aad)
+
+    def unwrap(self, blob: bytes, aad: bytes) -> KeyHandle:
+        return KeyHandle(self.open(blob, aad))
+
+    def wrap_with(self, encrypt: Callable[[bytes], bytes]) -> bytes:
+        """Hand this key's bytes to an external wrapping function (an HSM's encrypt) and
+        return its blob. The seam for L1 providers whose root key lives elsewhere."""
+        return encrypt(self._bytes())
+
+    @classmethod
+    def from_external(cls, decrypt: Callable[[], bytes]) -> KeyHandle:
+        """Build a key from an external unwrapping function (an HSM's decrypt)."""
+        raw = bytearray(decrypt())
+        try:
+            return cls(raw)
+        finally:
+            raw[:] = b"\0" * len(raw)
+
+    def destroy(self) -> None:
+        """Overwrite the key in memory (best effort in Python) and make the handle unusable."""
+        if self._raw is not None:
+            self._raw[:] = b"\0" * len(self._raw)
+        self._raw = None
+        self._aead = None
+
+    @property
+    def destroyed(self) -> bool:
+        return self._raw is None
+
+    def _bytes(self) -> bytes:
+        if self._raw is None:
+            raise ValueError("key was destroyed")
+        return bytes(self._raw)
+
+    def __repr__(self) -> str:
+        return "<KeyHandle destroyed>" if self._raw is None else f"<KeyHandle kcv={self.kcv}>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("key handles cannot be pickled")
+
+
+def new_dek() -> bytes:
+    """A fresh 256-bit data key: the only key material ever handed out (to its caller)."""
+    return os.urandom(KEY_BYTES)
+
+
+def write_key_file(path: str | os.PathLike[str]) -> None:
+    """Create a raw 32-byte key file (mode 0600) atomically; fails if it already exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(KEY_BYTES))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_key_file(path: str | os.PathLike[str]) -> KeyHandle:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) != KEY_BYTES:
+        raise ValueError(f"{path}: an AES-256 key file holds exactly 32 bytes")
+    return KeyHandle(raw)
+
+
+def import_key(raw: bytes) -> KeyHandle:
+    """Key bytes from a trusted source inside this process (a key file's entry)."""
+    return KeyHandle(raw)
+
+
+def export_key_for_file(key: KeyHandle) -> bytes:
+    """The raw bytes of a root key for the local L1 provider's own key file only."""
+    return key._bytes()
