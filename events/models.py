@@ -88,6 +88,21 @@ class RegionFailover(Payload):
         return self
 
 
+class TenantDefinition(Payload):
+    """The current definition of a live tenant: the value on the compacted
+    `kcm.registry.tenants` (key = tenant id; a deletion is a tombstone)."""
+
+    regions: RegionList
+    home_region: Region
+    registry_seq: Annotated[int, Field(ge=1)]
+    """The Registry store sequence this definition reflects."""
+
+    @model_validator(mode="after")
+    def _home_in_regions(self) -> TenantDefinition:
+        _check_allow_list(self.regions, self.home_region)
+        return self
+
+
 # --- Core key timeline (topic kcm.core.keys): no key material of any kind ----------------
 
 
@@ -185,6 +200,7 @@ PAYLOADS: dict[str, type[Payload]] = {
         TenantRestored,
         TenantRegionsChanged,
         RegionFailover,
+        TenantDefinition,
         TenantInitialized,
         KeyRotated,
         TenantPurgeScheduled,

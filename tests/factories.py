@@ -29,6 +29,9 @@ def sample_payloads() -> list[m.Payload]:
         m.TenantRestored(),
         m.TenantRegionsChanged(regions=["eu-central-1"], home_region="eu-central-1"),
         m.RegionFailover(from_region="eu-central-1", to_region="eu-west-1", epoch=2),
+        m.TenantDefinition(
+            regions=["eu-central-1", "eu-west-1"], home_region="eu-west-1", registry_seq=9
+        ),
         m.TenantInitialized(
             region="eu-central-1",
             epoch=1,
@@ -77,7 +80,7 @@ def sample_envelopes(producer_for_core: str = "eu-central-1") -> list[Envelope]:
     out = []
     for seq, payload in enumerate(sample_payloads(), start=1):
         name = type(payload).__name__
-        lifecycle = name in m.LIFECYCLE_TYPES
+        lifecycle = name in m.LIFECYCLE_TYPES or name == "TenantDefinition"
         producer = ("operator" if name == "RegionFailover" else "registry") if lifecycle else (
             producer_for_core
         )
