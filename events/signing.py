@@ -20,6 +20,7 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -162,9 +163,25 @@ class TrustStore:
         return sorted(self._keys)
 
 
-def event_digest(env: Envelope) -> bytes:
-    prev = bytes.fromhex(env.auth.prev) if env.auth and env.auth.prev else b""
-    return hashlib.sha256(prev + env.body()).digest()
+class Authenticated(Protocol):
+    """What authentication reads of an event: an `Envelope` or a `fastpath.RawEvent`."""
+
+    @property
+    def producer(self) -> str: ...
+
+    @property
+    def auth(self) -> Any: ...
+
+    def body(self) -> bytes: ...
+
+
+def event_digest(env: Authenticated) -> bytes:
+    prev = env.auth.prev if env.auth is not None else None
+    try:
+        prev_bytes = bytes.fromhex(prev) if prev else b""
+    except ValueError:
+        raise VerificationError("auth.prev is not a hex digest") from None
+    return hashlib.sha256(prev_bytes + env.body()).digest()
 
 
 def sign_event(
@@ -185,7 +202,7 @@ def sign_event(
     return signed
 
 
-def _check_signature(env: Envelope, trust: TrustStore) -> bytes:
+def _check_signature(env: Authenticated, trust: TrustStore) -> bytes:
     """Verify a signed event's own signature; return its digest."""
     auth = env.auth
     if auth is None:
@@ -204,7 +221,7 @@ def _check_signature(env: Envelope, trust: TrustStore) -> bytes:
     return digest
 
 
-def verify_event(env: Envelope, trust: TrustStore) -> None:
+def verify_event(env: Authenticated, trust: TrustStore) -> None:
     """Verify one event that carries its own signature. Raises VerificationError."""
     if env.auth is not None and env.auth.sig is None:
         raise VerificationError("event carries no signature (needs its chain's checkpoint)")
@@ -227,6 +244,9 @@ class ChainSigner:
         return out
 
 
+E = TypeVar("E", bound=Authenticated)
+
+
 @dataclass
 class ChainVerifier:
     """Consumer side: feed events of each chain in order; get back the verified ones.
@@ -238,11 +258,9 @@ class ChainVerifier:
 
     trust: TrustStore
     max_pending: int = 100_000
-    _pending: dict[Hashable, list[tuple[bytes, Envelope]]] = field(default_factory=dict)
+    _pending: dict[Hashable, list[tuple[bytes, Any]]] = field(default_factory=dict)
 
-    def feed(
-        self, chain: Hashable, env: Envelope
-    ) -> tuple[list[Envelope], list[tuple[Envelope, str]]]:
+    def feed(self, chain: Hashable, env: E) -> tuple[list[E], list[tuple[E, str]]]:
         """Returns (events now verified, in chain order; rejected events with reasons)."""
         try:
             digest = _check_signature(env, self.trust)
@@ -257,16 +275,18 @@ class ChainVerifier:
             return [], []
         # A checkpoint: walk back through the pending events it covers.
         by_digest = {d: e for d, e in pending}
-        covered: list[Envelope] = []
+        covered: list[E] = []
+        covered_digests: set[bytes] = set()
         link = env.auth.prev
         while link is not None:
-            prior = by_digest.pop(bytes.fromhex(link), None)
+            link_digest = bytes.fromhex(link)
+            prior = by_digest.pop(link_digest, None)
             if prior is None:
                 break
             covered.append(prior)
+            covered_digests.add(link_digest)
             link = prior.auth.prev if prior.auth else None
         covered.reverse()
-        covered_digests = {event_digest(e) for e in covered}
         rejected = [
             (e, "not covered by any signed checkpoint (broken or forged chain)")
             for d, e in pending
