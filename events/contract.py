@@ -66,7 +66,7 @@ def asyncapi() -> dict[str, Any]:
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     schemas = event_schemas()
-    for name, schema in schemas.items():
+    for name in schemas:
         messages[name] = {
             "name": name,
             "contentType": "application/json",
