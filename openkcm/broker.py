@@ -7,6 +7,7 @@ readiness wait (the broker answers metadata), clean stop, a log file.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 class BrokerUnavailable(RuntimeError):
@@ -54,6 +56,16 @@ async def _answers_metadata(bootstrap: str, timeout: float) -> bool:
             pass
 
 
+def _run_sync(coro: Any) -> Any:
+    """asyncio.run, also from code that is itself inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def wait_until_ready(bootstrap: str, timeout: float = 15.0) -> None:
     host, port = bootstrap.rsplit(":", 1)
     deadline = time.monotonic() + timeout
@@ -64,7 +76,7 @@ def wait_until_ready(bootstrap: str, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.02)
             continue
-        if asyncio.run(_answers_metadata(bootstrap, 2.0)):
+        if _run_sync(_answers_metadata(bootstrap, 2.0)):
             return
         time.sleep(0.05)
     raise BrokerUnavailable(f"broker at {bootstrap} did not answer metadata within {timeout}s")
