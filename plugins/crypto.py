@@ -6,10 +6,14 @@ with additional authenticated data binding what the key is (tenant, layer, versi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -138,3 +142,67 @@ def import_key(raw: bytes) -> KeyHandle:
 def export_key_for_file(key: KeyHandle) -> bytes:
     """The raw bytes of a root key for the local L1 provider's own key file only."""
     return key._bytes()
+
+
+# --- The local L1 provider's keyring file -------------------------------------------------
+# The keyring is a small JSON document. Its key entries are the only place where L1 root key
+# bytes exist outside a HSM, so its (de)serialisation lives here, next to the other byte-level
+# code; `plugins/l1_local.py` only moves the file's opaque content around.
+
+KEYRING_FORMAT_VERSION = 1
+
+
+class KeyringError(ValueError):
+    """A keyring file is malformed (never says anything about key bytes)."""
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """A parsed keyring: the regions it serves (None = every region) and its named L1 keys."""
+
+    regions: tuple[str, ...] | None
+    keys: Mapping[str, KeyHandle]
+
+    def destroy(self) -> None:
+        for key in self.keys.values():
+            key.destroy()
+
+
+def keyring_loads(data: bytes) -> Keyring:
+    """Parse a keyring file's content into key handles."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KeyringError("keyring is not valid JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != KEYRING_FORMAT_VERSION:
+        raise KeyringError(f"keyring must be a JSON object with version {KEYRING_FORMAT_VERSION}")
+    regions = doc.get("regions")
+    if regions is not None and not (
+        isinstance(regions, list) and all(isinstance(r, str) for r in regions)
+    ):
+        raise KeyringError("keyring 'regions' must be null or a list of region names")
+    entries = doc.get("keys")
+    if not isinstance(entries, dict):
+        raise KeyringError("keyring 'keys' must be an object of name -> base64 key")
+    keys: dict[str, KeyHandle] = {}
+    for name, text in entries.items():
+        if not isinstance(text, str):
+            raise KeyringError(f"keyring key {name!r} is not a base64 string")
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyringError(f"keyring key {name!r} is not valid base64") from None
+        if len(raw) != KEY_BYTES:
+            raise KeyringError(f"keyring key {name!r} is not a 32-byte AES-256 key")
+        keys[name] = KeyHandle(raw)
+    return Keyring(tuple(regions) if regions is not None else None, keys)
+
+
+def keyring_dumps(regions: Sequence[str] | None, keys: Mapping[str, KeyHandle]) -> bytes:
+    """Serialise a keyring (for the local L1 provider's own file only)."""
+    doc = {
+        "version": KEYRING_FORMAT_VERSION,
+        "regions": list(regions) if regions is not None else None,
+        "keys": {name: base64.b64encode(k._bytes()).decode("ascii") for name, k in keys.items()},
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
