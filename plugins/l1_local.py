@@ -55,7 +55,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def _write_tmp(path: Path, content: bytes) -> Path:
     """Write `content` to a fresh private sibling of `path` (O_EXCL, 0600), synced."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:

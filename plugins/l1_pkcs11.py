@@ -309,6 +309,7 @@ class Pkcs11L1:
         try:
             sealed = key.wrap_with(encrypt)
         except PKCS11Error as exc:
+            self._keys.pop(l1_ref, None)  # the handle may be stale; look it up again next time
             raise L1Refused(
                 f"pkcs11 token {self.cfg.token!r} refused to wrap: {type(exc).__name__}"
             ) from None
@@ -331,6 +332,7 @@ class Pkcs11L1:
         except _AUTH_FAILURES:
             raise UnwrapError("blob does not authenticate under this L1 key and AAD") from None
         except PKCS11Error as exc:
+            self._keys.pop(l1_ref, None)
             raise L1Refused(
                 f"pkcs11 token {self.cfg.token!r} refused to unwrap: {type(exc).__name__}"
             ) from None

@@ -2,7 +2,7 @@
 
 URI: `fs:PATH`. Layout: `PATH/<tenant>/<layer>/<key_id>` (mode 0600 files, 0700 dirs), each
 file holding exactly the wrapped blob. Every write is atomic and durable: a private temp file
-in the same directory (`.<key_id>.<pid>.<thread>.tmp`), fsync, rename over the final name,
+in the same directory (`.<key_id>.<pid>.<random>.tmp`), fsync, rename over the final name,
 fsync of the directory. `put_many` syncs all its temp files before renaming any, so a crash
 leaves each blob either old or new, never torn (a batch is not atomic as a whole).
 
@@ -61,8 +61,8 @@ class FsVault:
 
     def _stage(self, final: Path, blob: bytes) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(bytes(blob))
             while view:

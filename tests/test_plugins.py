@@ -310,9 +310,12 @@ def test_vault_put_get_list_put_many_reopen(vault_dir: tuple[str, Path]) -> None
     assert vault.list("acme") == [("L2", "e1v1"), ("L3", "e1v1"), ("L3", "e1v2")]
     assert vault.list("acme1") == []
     vault.put("acme", "L3", "e1v2", b)  # overwrite
+    vault.put_many([("acme", "L2", "e1v9", a), ("acme", "L2", "e1v9", c)])  # last one wins
+    assert vault.get("acme", "L2", "e1v9") == c
     vault.close()
     vault = _open(kind, path)
     assert vault.get("acme", "L3", "e1v2") == b and vault.list("acme10") == [("L2", "e1v1")]
+    assert len(vault.list("acme")) == 4
     for bad in (("../x", "L2", "e1v1"), ("acme", "L4", "e1v1"), ("acme", "L2", "../../e")):
         with pytest.raises(ValueError):
             vault.put(*bad, a)
