@@ -86,6 +86,8 @@ def parse_uri(rest: str) -> Pkcs11Config:
     if not token:
         raise ValueError("pkcs11 URI needs token=LABEL")
     regions = attrs.get("regions")
+    if regions is not None and not [r for r in regions.split(",") if r]:
+        raise ValueError("pkcs11 URI regions= is empty (leave it out to serve every region)")
     return Pkcs11Config(
         module=attrs.get("module") or os.environ.get(MODULE_ENV) or DEFAULT_MODULE,
         token=token,
@@ -126,9 +128,12 @@ def _acquire(cfg: Pkcs11Config) -> _TokenSession:
         if cfg.pin is None:
             raise L1Refused(f"pkcs11 token {cfg.token!r}: no PIN (pin=... or ${PIN_ENV})")
         try:
-            lib = pkcs11.lib(cfg.module)
-            token = lib.get_token(token_label=cfg.token)
-            session = token.open(user_pin=cfg.pin, rw=True)
+            # SoftHSM2's file store is not safe against logins racing from several processes
+            # (CKR_GENERAL_ERROR): processes on one host log in one at a time.
+            with _host_lock(cfg):
+                lib = pkcs11.lib(cfg.module)
+                token = lib.get_token(token_label=cfg.token)
+                session = token.open(user_pin=cfg.pin, rw=True)
         except PKCS11Error as exc:
             raise L1Refused(
                 f"pkcs11 token {cfg.token!r} via {cfg.module} unreachable: "

@@ -368,18 +368,20 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     once per process, so every PKCS#11 test shares this token (each uses its own labels)."""
     if shutil.which("softhsm2-util") is None or not Path(SOFTHSM_MODULE).exists():
         pytest.skip("SoftHSM2 is not installed (run .ci/install-softhsm)")
+    pytest.importorskip("pkcs11", reason="python-pkcs11 is not installed (extra 'pkcs11')")
     base = tmp_path_factory.mktemp("softhsm")
     (base / "tokens").mkdir()
     conf = base / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n")
     previous = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", "openkcm"]
-        + ["--pin", "1234", "--so-pin", "5678"],
-        check=True,
-        capture_output=True,
-    )
+    for label in ("openkcm", "race"):
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", label]
+            + ["--pin", "1234", "--so-pin", "5678"],
+            check=True,
+            capture_output=True,
+        )
     yield f"pkcs11:module={SOFTHSM_MODULE};token=openkcm;pin=1234"
     if previous is None:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -473,6 +475,51 @@ def test_pkcs11_refusals(softhsm: str) -> None:
     assert "9999" not in str(refused.value) and "1234" not in str(refused.value)
     with pytest.raises(ValueError, match="token"):
         open_l1(f"pkcs11:module={SOFTHSM_MODULE};pin=1234", EU)
+    with pytest.raises(ValueError, match="regions= is empty"):
+        open_l1(f"{softhsm};regions=", EU)
+
+
+_HSM_RACER = """
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from plugins.crypto import KeyHandle
+from plugins.l1 import open_l1
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.0005)
+provider = open_l1(sys.argv[1], "eu-central-1")
+key = KeyHandle.generate()
+print(provider.wrap("default", key, b"race").hex(), key.kcv, flush=True)
+"""
+
+
+def test_pkcs11_concurrent_starts_make_one_default_key(softhsm: str, tmp_path: Path) -> None:
+    from plugins.l1_pkcs11 import _find
+
+    uri = softhsm.replace("token=openkcm", "token=race")  # a token nobody has opened yet
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HSM_RACER, uri, str(go), str(ROOT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    go.touch()
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0
+        blob_hex, kcv = out.split()
+        results.append((bytes.fromhex(blob_hex), kcv))
+    provider = open_l1(uri, EU)
+    assert len(_find(provider._session().session, "default")) == 1
+    assert [provider.unwrap("default", b, b"race").kcv for b, _ in results] == [
+        k for _, k in results
+    ]
 
 
 def test_open_l1_unknown_scheme_rejected() -> None:
