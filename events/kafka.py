@@ -131,13 +131,16 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str, timeout: float =
     """Partition ids of a topic, waiting for its metadata to appear."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    client = consumer._client  # noqa: SLF001 - the public API cannot add a topic to metadata
+    if topic not in client._topics:  # noqa: SLF001
+        await client.add_topic(topic)
     while True:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return sorted(parts)
         if loop.time() > deadline:
             raise TimeoutError(f"topic {topic} has no partitions after {timeout}s")
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - public API lacks it
+        await client.force_metadata_update()
         await asyncio.sleep(0.1)
 
 
