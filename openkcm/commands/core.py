@@ -1,0 +1,69 @@
+"""`openkcm core`: run a Regional Core (lifecycle consumer, scheduler, relay, Gateway HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from openkcm.options import add_common, duration, require
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("core", help="run a Regional Core")
+    env = os.environ.get
+    p.add_argument("--region", default=env("OPENKCM_REGION"), help="this Core's region")
+    p.add_argument("--registry-url", default=env("OPENKCM_REGISTRY_URL"),
+                   help="the Registry's base URL (probed for status only)")
+    p.add_argument("--l1", default=env("OPENKCM_L1"),
+                   help="L1 provider URI: local:PATH, pkcs11:...")
+    p.add_argument("--vault", default=env("OPENKCM_VAULT"),
+                   help="vault URI: rocksdb:PATH or fs:PATH (default: RocksDB in the data dir)")
+    p.add_argument("--l3-period", type=duration, default=duration(env("OPENKCM_L3_PERIOD", "90d")))
+    p.add_argument("--l2-period", type=duration,
+                   default=duration(env("OPENKCM_L2_PERIOD", "365d")))
+    p.add_argument("--purge-grace", type=duration,
+                   default=duration(env("OPENKCM_PURGE_GRACE", "7d")))
+    # Drills and tests: a faster clock and a shorter scheduler tick.
+    p.add_argument("--clock-speed", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tick", type=float, default=float(env("OPENKCM_CORE_TICK", "1.0")),
+                   help=argparse.SUPPRESS)
+    add_common(p, "bootstrap", "data-dir", "http", "trust-dir", "format")
+    p.set_defaults(handler=run, parser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    require(args.parser, args, "region", "data-dir", "bootstrap-servers", "trust-dir", "l1")
+    from core_service.service import ServiceConfig
+    from core_service.service import run as run_core
+
+    host, port = args.http
+    cfg = ServiceConfig(
+        region=args.region,
+        data_dir=args.data_dir,
+        bootstrap_servers=args.bootstrap_servers,
+        trust_dir=args.trust_dir,
+        l1=args.l1,
+        vault=args.vault,
+        registry_url=args.registry_url,
+        host=host,
+        port=port,
+        l3_period=args.l3_period.total_seconds(),
+        l2_period=args.l2_period.total_seconds(),
+        purge_grace=args.purge_grace.total_seconds(),
+        tick=args.tick,
+        clock_speed=args.clock_speed,
+    )
+
+    def announce(url: str) -> None:
+        if args.format == "json":
+            print(json.dumps({"region": args.region, "url": url}), flush=True)
+        else:
+            print(f"core {args.region} serving: {url}", flush=True)
+
+    try:
+        return run_core(cfg, announce)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
