@@ -506,8 +506,9 @@ class Engine:
                                      f"tenant {tenant_id} is owned by {t.owner}; {r} is standby")
         if s == st.PENDING_PURGE:
             return TenantUnavailable(409, "pending_purge",
-                                     f"tenant {tenant_id} was deleted: keys disabled, purge "
-                                     f"pending at {iso(t.purge_at or 0)} (a restore cancels it)")
+                                     f"tenant {tenant_id} is pending purge: deleted, keys "
+                                     f"disabled, purge at {iso(t.purge_at or 0)} (a restore "
+                                     "cancels it)")
         if s == st.PURGED:
             return TenantUnavailable(409, "tenant_purged",
                                      f"tenant {tenant_id} was purged: its keys are destroyed")
