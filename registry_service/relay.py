@@ -25,11 +25,18 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from events import topics
 from events.envelope import Envelope, decode, encode, new_envelope
-from events.kafka import KafkaSettings, ensure_topics, make_producer, partition_for
+from events.kafka import (
+    KafkaSettings,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partition_for,
+    partitions_of,
+)
 from events.models import TenantDefinition
 from events.signing import SigningKey, event_digest, sign_event
 from registry_service.metrics import Metrics
@@ -43,7 +50,9 @@ DEFINITION_NAMESPACE = uuid.UUID("6f0c2f4e-8a51-4f0e-9b7c-2f1d6f0d3a11")
 
 @dataclass
 class RelayConfig:
-    batch_size: int = 1000
+    batch_size: int = 500
+    """Events per publish batch: small enough that one partition's records of a batch fit
+    one producer batch (1 MiB), so a partition's records of a batch land all or none."""
     checkpoint_every: int = 500
     backoff_initial: float = 0.2
     backoff_max: float = 5.0
@@ -92,6 +101,32 @@ def sign_batch(
     return out
 
 
+class BrokerLostRecords(RuntimeError):
+    """The broker acknowledged records it does not keep (its topics vanished)."""
+
+
+async def end_offsets(
+    settings: KafkaSettings, names: list[str], timeout: float
+) -> dict[str, dict[int, int]]:
+    """End offset of every partition of the named topics ({} for a topic that is absent)."""
+    consumer = make_consumer(settings, client_id="openkcm-registry-relay")
+    await asyncio.wait_for(consumer.start(), timeout)
+    try:
+        existing = await consumer.topics()
+        out: dict[str, dict[int, int]] = {}
+        for name in names:
+            if name not in existing:
+                out[name] = {}
+                continue
+            tps = [TopicPartition(name, p) for p in await partitions_of(consumer, name, timeout)]
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout)
+            out[name] = {tp.partition: offset for tp, offset in ends.items()}
+        return out
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
 class Relay:
     def __init__(
         self,
@@ -112,6 +147,9 @@ class Relay:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._producer: AIOKafkaProducer | None = None
+        self._tenant_partitions = 0
+        self.republished = 0
+        """How often the relay found the broker had lost its records and started over."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -194,12 +232,47 @@ class Relay:
             with contextlib.suppress(Exception):
                 await producer.stop()
             raise
+        try:
+            await self._check_broker_kept_our_records()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
         self._producer = producer
         self._tenant_partitions = len(tenants)
         self.connected = True
         self.metrics.kafka_connected.set(1)
         log.info("relay connected to %s", self.settings.bootstrap_servers)
         return len(lifecycle)
+
+    async def _check_broker_kept_our_records(self) -> None:
+        """If the broker's end offsets are below what it acknowledged to us (an in-memory
+        broker restarted, or the topics were deleted), publish the whole log again: the
+        compacted topic must hold every tenant, and the chains restart from the first event.
+        The re-published events are byte-identical to the lost ones (same event ids)."""
+        position = self.store.relay
+        if not position.offsets:
+            return
+        ends = await end_offsets(
+            self.settings, [topics.LIFECYCLE, topics.TENANTS], self.config.connect_timeout
+        )
+        lost = [
+            f"{topic}[{partition}] ends at {ends.get(topic, {}).get(partition, 0)}, "
+            f"expected >= {offset}"
+            for topic, parts in position.offsets.items()
+            for partition, offset in parts.items()
+            if ends.get(topic, {}).get(partition, 0) < offset
+        ]
+        if not lost:
+            return
+        log.warning(
+            "relay: the broker lost records we published (%s); republishing the whole log "
+            "(%d events)",
+            "; ".join(lost[:3]),
+            self.store.seq,
+        )
+        await asyncio.to_thread(self.store.record_relay, RelayPosition())
+        self.republished += 1
 
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
@@ -208,6 +281,15 @@ class Relay:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 5.0)
+
+    async def _check_topics_exist(self, producer: AIOKafkaProducer) -> None:
+        """After the acks: our topics still exist. (An in-memory broker that restarted
+        acknowledges records for topics it does not have, and drops them.)"""
+        client = producer.client
+        await asyncio.wait_for(client.force_metadata_update(), self.config.connect_timeout)
+        for name in (topics.LIFECYCLE, topics.TENANTS):
+            if not client.cluster.partitions_for_topic(name):
+                raise BrokerLostRecords(f"topic {name} vanished from the broker")
 
     async def _publish_next(self, partitions: int) -> int:
         """Publish the next batch after the recorded position; returns how many events."""
@@ -239,10 +321,22 @@ class Relay:
                 )
             )
         started = time.monotonic()
-        await asyncio.wait_for(
+        acks = await asyncio.wait_for(
             asyncio.gather(*futures), self.config.request_timeout_ms / 1000 * 3
         )
-        new_position = RelayPosition(events[-1].seq, heads, partitions)
+        offsets = {t: dict(parts) for t, parts in position.offsets.items()}
+        for ack in acks:
+            expected = offsets.get(ack.topic, {}).get(ack.partition, 0)
+            if ack.offset < expected:
+                raise BrokerLostRecords(
+                    f"{ack.topic}[{ack.partition}] acknowledged offset {ack.offset} below "
+                    f"{expected}: the broker lost records"
+                )
+        for ack in acks:
+            parts = offsets.setdefault(ack.topic, {})
+            parts[ack.partition] = max(parts.get(ack.partition, 0), ack.offset + 1)
+        await self._check_topics_exist(producer)
+        new_position = RelayPosition(events[-1].seq, heads, partitions, offsets)
         await asyncio.to_thread(self.store.record_relay, new_position)
         self.metrics.relay_events.inc(len(events))
         self.metrics.relay_seq.set(new_position.seq)

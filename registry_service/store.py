@@ -337,11 +337,20 @@ class RelayPosition:
     heads: dict[int, str] = field(default_factory=dict)
     """Hash-chain head (hex digest) per partition of the lifecycle topic."""
     partitions: int = 0
+    offsets: dict[str, dict[int, int]] = field(default_factory=dict)
+    """Next offset per topic and partition after our last acknowledged record: a broker whose
+    end offsets are below these lost our records (e.g. an in-memory broker restarted)."""
 
     def dumps(self) -> bytes:
         return json.dumps(
-            {"seq": self.seq, "heads": {str(k): v for k, v in self.heads.items()},
-             "partitions": self.partitions},
+            {
+                "seq": self.seq,
+                "heads": {str(k): v for k, v in self.heads.items()},
+                "partitions": self.partitions,
+                "offsets": {
+                    t: {str(p): o for p, o in parts.items()} for t, parts in self.offsets.items()
+                },
+            },
             separators=(",", ":"),
             sort_keys=True,
         ).encode()
@@ -353,6 +362,18 @@ class RelayPosition:
             seq=int(data["seq"]),
             heads={int(k): str(v) for k, v in data["heads"].items()},
             partitions=int(data.get("partitions", 0)),
+            offsets={
+                t: {int(p): int(o) for p, o in parts.items()}
+                for t, parts in data.get("offsets", {}).items()
+            },
+        )
+
+    def copy(self) -> RelayPosition:
+        return RelayPosition(
+            self.seq,
+            dict(self.heads),
+            self.partitions,
+            {t: dict(parts) for t, parts in self.offsets.items()},
         )
 
 
@@ -504,7 +525,7 @@ class RegistryStore:
             batch = WriteBatch(raw_mode=True)
             batch.put(_M_RELAY, position.dumps())
             self.db.write(batch, self._sync)
-            self.relay = RelayPosition(position.seq, dict(position.heads), position.partitions)
+            self.relay = position.copy()
 
     # -- reading --------------------------------------------------------------------------
 
