@@ -12,9 +12,10 @@ import base64
 import binascii
 from typing import Any, Literal
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +52,13 @@ class DekResponse(BaseModel):
 
 class PlaintextResponse(BaseModel):
     plaintext: str
+
+
+class FastJSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -100,7 +108,7 @@ class RotationQueue:
 def create_app(core) -> FastAPI:  # type: ignore[no-untyped-def]
     """`core` is the running service (core_service.service.CoreService)."""
     engine = core.engine
-    app = FastAPI(title=f"OpenKCM Core {engine.region}", default_response_class=ORJSONResponse,
+    app = FastAPI(title=f"OpenKCM Core {engine.region}", default_response_class=FastJSON,
                   docs_url=None, redoc_url=None)
 
     @app.exception_handler(TenantUnavailable)
@@ -157,7 +165,7 @@ def create_app(core) -> FastAPI:  # type: ignore[no-untyped-def]
     @app.post("/v1/tenants/{tenant_id}/deks", response_model=DekResponse)
     async def generate(tenant_id: str) -> Any:
         dek, wrapped = engine.generate_dek(tenant_id)
-        return ORJSONResponse({
+        return FastJSON({
             "plaintext": base64.b64encode(dek).decode(),
             "wrapped": base64.b64encode(wrapped).decode(),
             "key_id": engine.state.tenants[tenant_id].l3[-1].key_id,
@@ -170,7 +178,7 @@ def create_app(core) -> FastAPI:  # type: ignore[no-untyped-def]
         except (binascii.Error, ValueError):
             raise TenantUnavailable(422, "bad_wrapped_dek", "wrapped is not base64") from None
         dek = engine.unwrap_dek(tenant_id, wrapped)
-        return ORJSONResponse({"plaintext": base64.b64encode(dek).decode()})
+        return FastJSON({"plaintext": base64.b64encode(dek).decode()})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -116,6 +116,7 @@ class Engine:
         self.state = CoreState(self.region, log_.load_tenants())
         self.cache = KeyCache()
         self.listeners: list[Any] = []  # called after each commit (the relay's wake-up)
+        self.broker_resets = 0  # the relay counts brokers that came back empty
         self.counters: dict[str, int] = {
             "deks_generated": 0, "deks_unwrapped": 0, "dek_refusals": 0, "rotations": 0,
             "lifecycle_applied": 0, "purges": 0, "initialized": 0,

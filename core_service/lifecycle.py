@@ -143,6 +143,10 @@ class LifecycleConsumer:
                 self.position[p] = last_off + 1
         return accepted, dead
 
+    async def _broker_lost(self, consumer: Any, tps: list[Any]) -> bool:
+        ends = await consumer.end_offsets(tps)
+        return any(ends.get(tp, 0) < self.position.get(tp.partition, 0) for tp in tps)
+
     async def _publish_dead(self, dead: list[Any]) -> None:
         if not dead:
             return
@@ -171,8 +175,11 @@ class LifecycleConsumer:
                                                 {p: v[0] for p, v in stored.items()})
                 self.verifier = ChainVerifier(self.trust)
                 self.pending = {}
+                self.position = {p: v[0] for p, v in stored.items()}
                 self.connected = True
                 backoff = 0.2
+                resets = self.engine.broker_resets
+                idle = 0
                 while True:
                     batch = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
                     for tp in tps:
@@ -180,6 +187,19 @@ class LifecycleConsumer:
                         if hw is not None:
                             self.highwater[tp.partition] = hw
                     if not any(batch.values()):
+                        idle += 1
+                        if resets != self.engine.broker_resets or (
+                                idle % 10 == 0 and await self._broker_lost(consumer, tps)):
+                            # The broker came back empty: read every partition from its start
+                            # again (what was applied is skipped by event_id below the
+                            # high-water mark; new events are applied).
+                            log.warning("lifecycle topic was emptied: reading it from the start")
+                            resets = self.engine.broker_resets
+                            self.verifier = ChainVerifier(self.trust)
+                            self.pending = {}
+                            for tp in tps:
+                                consumer.seek(tp, 0)
+                                self.position[tp.partition] = 0
                         continue
                     accepted, dead = self.process(batch)
                     await self._publish_dead(dead)

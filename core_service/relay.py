@@ -119,6 +119,7 @@ class Relay:
         if self._lost(ends, tps):
             log.warning("kcm.core.keys lost events (broker emptied?): publishing the log again")
             self.republishes += 1
+            self.engine.broker_resets += 1  # the lifecycle consumer reads from the start too
             self.engine.log.save_relay(RelayMeta(0, {}))
         self.producer = make_producer(self.settings)
         await self.producer.start()

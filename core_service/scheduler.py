@@ -63,6 +63,8 @@ class Scheduler:
         self.init_retry = init_retry
         self.last_tick: float | None = None
         self.ticks = 0
+        self.max_gap = 0.0
+        """Longest time between two ticks so far (clock seconds)."""
         self._last_init_try = -1e18
 
     def tick(self, now: float | None = None) -> int:
@@ -74,6 +76,8 @@ class Scheduler:
         if inits:
             self._last_init_try = mono
         done = e.run_due(now, d.rotations, d.purges, inits)
+        if self.last_tick is not None:
+            self.max_gap = max(self.max_gap, now - self.last_tick)
         self.last_tick = now
         self.ticks += 1
         return done

@@ -100,7 +100,8 @@ class CoreService:
             "last_reconciliation": None,
             "scheduler": {"last_tick": iso(self.scheduler.last_tick)
                           if self.scheduler.last_tick else None,
-                          "interval_s": self.cfg.tick, "ticks": self.scheduler.ticks},
+                          "interval_s": self.cfg.tick, "ticks": self.scheduler.ticks,
+                          "max_gap_s": self.scheduler.max_gap},
             "keys_unsealed_tenants": len(e.cache.l3),
             "clock": iso(self.clock.now()),
             "l1": self.l1.health(),
