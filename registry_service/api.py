@@ -77,7 +77,7 @@ TenantIdPath = Annotated[
 # --- dependencies ---------------------------------------------------------------------------
 
 
-def service_of(request: Request) -> RegistryService:
+async def service_of(request: Request) -> RegistryService:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
@@ -85,13 +85,13 @@ def frozen_error(service: RegistryService) -> ApiError:
     return ApiError(503, "frozen", FROZEN_MESSAGE.format(reason=service.frozen_reason))
 
 
-def live_store(service: Annotated[RegistryService, Depends(service_of)]) -> RegistryStore:
+async def live_store(service: Annotated[RegistryService, Depends(service_of)]) -> RegistryStore:
     if service.frozen or service.store is None:
         raise frozen_error(service)
     return service.store
 
 
-def admin(
+async def admin(
     service: Annotated[RegistryService, Depends(service_of)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> None:

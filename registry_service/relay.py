@@ -321,9 +321,16 @@ class Relay:
                 )
             )
         started = time.monotonic()
-        acks = await asyncio.wait_for(
-            asyncio.gather(*futures), self.config.request_timeout_ms / 1000 * 3
-        )
+        pending = asyncio.ensure_future(asyncio.gather(*futures))
+        done, _ = await asyncio.wait({pending}, timeout=self.config.request_timeout_ms / 1000)
+        if not done:
+            # Stalled: the broker does not answer. Say so in /healthz while aiokafka retries.
+            self.connected = False
+            self.metrics.kafka_connected.set(0)
+            self.last_error = "publishing stalled: the broker does not acknowledge"
+        acks = await asyncio.wait_for(pending, self.config.request_timeout_ms / 1000 * 2)
+        self.connected = True
+        self.metrics.kafka_connected.set(1)
         offsets = {t: dict(parts) for t, parts in position.offsets.items()}
         for ack in acks:
             expected = offsets.get(ack.topic, {}).get(ack.partition, 0)

@@ -430,6 +430,7 @@ class RegistryStore:
         stored_seq = int(raw_seq or b"0")
         folded: dict[str, TenantState] = {}
         expected = 1
+        afters = iter(self._prefixed(_S))
         for key, body in self._prefixed(_E):
             seq = int.from_bytes(key[len(_E):], "big")
             if seq != expected:
@@ -440,23 +441,26 @@ class RegistryStore:
             tid = event["tenant_id"]
             after = apply(folded.get(tid), event)
             folded[tid] = after
-            stored_after = self.db.get(_seq_key(_S, seq))
-            if stored_after is None or TenantState.from_json(json.loads(stored_after)) != after:
+            after_key, stored_after = next(afters, (b"", b""))
+            if after_key != key.replace(_E, _S, 1) or stored_after != after.dumps():
                 raise StoreError(f"state recorded after seq {seq} differs from the fold")
             expected += 1
+        if next(afters, None) is not None:
+            raise StoreError("state records without their events")
         if expected - 1 != stored_seq:
             raise StoreError(f"store sequence {stored_seq} but the log ends at {expected - 1}")
-        stored: dict[str, TenantState] = {}
+        count = 0
         for key, value in self._prefixed(_T):
-            stored[key[len(_T):].decode()] = TenantState.from_json(json.loads(value))
-        if stored != folded:
-            differing = sorted(
-                set(stored) ^ set(folded)
-                | {t for t in set(stored) & set(folded) if stored[t] != folded[t]}
-            )
+            count += 1
+            state = folded.get(key[len(_T):].decode())
+            if state is None or value != state.dumps():
+                raise StoreError(
+                    f"stored state of tenant {key[len(_T):].decode()!r} differs from the fold "
+                    "of the event log"
+                )
+        if count != len(folded):
             raise StoreError(
-                f"stored tenant state differs from the fold of the event log "
-                f"({len(differing)} tenants, e.g. {differing[:3]})"
+                f"{len(folded) - count} tenants of the event log have no stored state"
             )
         relay_raw = self.db.get(_M_RELAY)
         relay = RelayPosition.loads(relay_raw) if relay_raw is not None else RelayPosition()
