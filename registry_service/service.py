@@ -142,6 +142,8 @@ class RegistryService:
             try:
                 outcomes = await asyncio.to_thread(store.execute, [c for c, _ in batch])
             except Exception as exc:  # noqa: BLE001 - a failed synced write: freeze
+                if self.relay is not None:
+                    await self.relay.stop()
                 self._freeze(f"store write failed: {exc}")
                 for _, fut in batch:
                     if not fut.done():

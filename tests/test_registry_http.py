@@ -173,6 +173,12 @@ BAD_CREATES = [
         413,
         "request_too_large",
     ),
+    (
+        "10 MB chunked body",
+        {"content": [b'{"tenant_id":"'] + [b"a" * 65536] * 160 + [b'"}']},
+        413,
+        "request_too_large",
+    ),
     ("no token", {"json": GOOD, "headers": {"Authorization": ""}}, 401, "unauthorized"),
     (
         "wrong token",
@@ -191,6 +197,8 @@ def test_bad_input_gets_a_typed_4xx_and_writes_nothing(
 ) -> None:
     before = registry.health()["store_seq"]
     kwargs = dict(request_kwargs)
+    if isinstance(kwargs.get("content"), list):
+        kwargs["content"] = iter(kwargs["content"])  # streamed: no Content-Length
     if "content" in kwargs:
         kwargs.setdefault("headers", {})["Content-Type"] = "application/json"
     response = _post(registry.url, **kwargs)
@@ -340,3 +348,16 @@ def test_the_trust_dir_holds_the_registry_public_key(registry: RegistryProcess) 
     keys = [p.name for p in Path(registry.trust_dir).glob("registry.*.pub")]
     assert len(keys) == 1
     assert not list(Path(registry.trust_dir).glob("*.pem")), "no private key in the trust dir"
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "openkcm.cli", "registry", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "--regions" in missing.stderr
