@@ -472,6 +472,7 @@ class RegistryStore:
 
     def _prefixed(self, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
         for key, value in self.db.items(from_key=prefix):
+            assert isinstance(key, bytes)  # raw mode: keys and values are bytes
             if not key.startswith(prefix):
                 break
             yield key, value

@@ -68,7 +68,9 @@ class RegistryProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Our brokers are embedded (Tansu), which rejects idempotent producers even
+                # when the suite also points at an external Kafka.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "OPENKCM_KAFKA_IDEMPOTENCE": "0"},
             )
         line = _read_line(self.proc, timeout)
         self.startup_seconds = time.monotonic() - started
