@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 
 from core_service.state import TenantState, dump_tenant, load_tenant
 
@@ -75,12 +75,18 @@ def event_of(entry: bytes) -> dict[str, Any]:
 
 
 class EventLog:
-    def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only` opens a log another process may be writing (replay --verify)."""
         self.path = path
         opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        self.db = Rdict(str(path), options=opts)
+        if read_only:
+            if not (path / "CURRENT").exists():
+                raise FileNotFoundError(f"no Core event log at {path}")
+            self.db = Rdict(str(path), options=opts, access_type=AccessType.read_only())
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            opts.create_if_missing(True)
+            self.db = Rdict(str(path), options=opts)
         self._sync = WriteOptions()
         self._sync.sync = True
         raw = self.db.get(_META)
