@@ -324,6 +324,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+DRAIN_LIMIT = 32 * 1024 * 1024
+
+
 class BodyLimit:
     """Pure ASGI middleware: bodies over `limit` bytes get 413 before the app sees them."""
 
@@ -349,7 +352,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, bool(message.get("more_body")))
                 return
             chunks.append(chunk)
             more = bool(message.get("more_body"))
@@ -365,7 +368,19 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(
+        self, scope: Scope, receive: Receive, send: Send, more: bool = True
+    ) -> None:
+        # Read and discard the rest of the upload (up to DRAIN_LIMIT) before answering:
+        # closing a socket with unread data resets the connection, and the client would
+        # lose our answer. Beyond the limit the client may see a reset instead.
+        budget = DRAIN_LIMIT
+        while more and budget > 0:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            budget -= len(message.get("body", b""))
+            more = bool(message.get("more_body"))
         response = error_response(
             413,
             "request_too_large",
