@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+drill: $(STAMP)
+	$(BIN)/openkcm drill all
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
