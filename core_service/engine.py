@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from core_service import state as st
+from core_service.canonical import canonical
 from core_service.clock import DAY, Clock, iso
 from core_service.keys import (
     BadWrappedDek,
@@ -30,7 +31,6 @@ from core_service.keys import (
 )
 from core_service.log import LIFECYCLE, LOCAL, OWN, EventLog, LogMeta
 from core_service.state import CoreState, TenantState, apply
-from events.canonical import canonical_bytes
 from events.ids import key_version_id
 from events.kafka import DEFAULT_PARTITIONS, partition_for
 from events.signing import SigningKey
@@ -235,7 +235,7 @@ class Engine:
             if kind == OWN:
                 p = own_part[i]
                 prev = txn.meta.heads.get(str(p))
-                body = canonical_bytes(event)
+                body = canonical(event)
                 digest = hashlib.sha256((bytes.fromhex(prev) if prev else b"") + body).digest()
                 auth = {
                     "key_id": self.key.key_id,
@@ -243,7 +243,7 @@ class Engine:
                     "sig": self.key.sign(digest) if last[p] == i else None,
                 }
                 txn.meta.heads[str(p)] = digest.hex()
-                out.append(OWN + canonical_bytes({**event, "auth": auth}))
+                out.append(OWN + canonical({**event, "auth": auth}))
             elif kind == LIFECYCLE:
                 assert raw is not None
                 out.append(LIFECYCLE + raw)

@@ -19,6 +19,7 @@ eventsourcing library's shape (`insert_events` with tracking, `select_events`,
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -165,10 +166,16 @@ class EventLog:
     def load_tenants(self) -> dict[str, TenantState]:
         """The projection as stored (no re-folding): what a restart serves from."""
         out: dict[str, TenantState] = {}
-        for key, value in self.db.items(from_key=b"t"):
-            if not key.startswith(b"t"):
-                break
-            out[key[1:].decode()] = load_tenant(value)
+        enabled = gc.isenabled()
+        gc.disable()  # hundreds of thousands of small immutable objects: no cycles to find
+        try:
+            for key, value in self.db.items(from_key=b"t"):
+                if not key.startswith(b"t"):
+                    break
+                out[key[1:].decode()] = load_tenant(value)
+        finally:
+            if enabled:
+                gc.enable()
         return out
 
     def markers(self, prefix: bytes) -> dict[bytes, bytes]:

@@ -24,9 +24,9 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from core_service.canonical import canonical
 from core_service.log import OWN, RelayMeta, event_of
 from events import topics
-from events.canonical import canonical_bytes
 from events.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer, partition_for
 
 log = logging.getLogger("openkcm.core.relay")
@@ -101,10 +101,10 @@ class Relay:
                 "blob": base64.b64encode(blob).decode(),
             },
         }
-        body = canonical_bytes(env)
+        body = canonical(env)
         key = self.engine.key
         sig = key.sign(hashlib.sha256(body).digest())
-        return canonical_bytes({**env, "auth": {"key_id": key.key_id, "prev": None, "sig": sig}})
+        return canonical({**env, "auth": {"key_id": key.key_id, "prev": None, "sig": sig}})
 
     # -- publishing ------------------------------------------------------------------
     async def _connect(self) -> None:

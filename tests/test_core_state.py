@@ -313,3 +313,18 @@ def test_consumer_verifies_chains_dedupes_and_rejects(tmp_path: Path, reg: Lifec
     assert all(e.state.tenants[f"c{i}"].status == st.ACTIVE for i in range(3))
     assert iso(T0).endswith("Z") and base64  # helpers stay imported for readers
     close_engine(e)
+
+
+def test_fast_canonical_json_is_byte_identical_to_the_contract(tmp_path: Path,
+                                                               reg: Lifecycle) -> None:
+    from core_service.canonical import canonical
+    from events.canonical import canonical_bytes
+
+    samples = [{"b": [1, None, True, {"z": "é\u001f\"\\/", "a": -5}], "a": "x\ty"}, {}, []]
+    clock = FakeClock(T0)
+    e = make_engine(tmp_path / "a", clock)
+    e.apply_lifecycle(created(reg, 3), {0: (3, 3)})
+    samples += [event_of(v) for _, v in e.log.iter_events()]
+    for obj in samples:
+        assert canonical(obj) == canonical_bytes(obj)
+    close_engine(e)
