@@ -221,6 +221,18 @@ def _check_signature(env: Authenticated, trust: TrustStore) -> bytes:
     return digest
 
 
+def verify_digest(trust: TrustStore, key_id: str, digest: bytes, sig: str) -> None:
+    """Verify a signature made by `SigningKey.sign` over a digest (e.g. a snapshot's).
+    Raises VerificationError naming the reason."""
+    public = trust.get(key_id)
+    if public is None:
+        raise VerificationError(f"unknown signer {key_id}")
+    try:
+        public.verify(base64.b64decode(sig), _DOMAIN + digest)
+    except (InvalidSignature, ValueError):
+        raise VerificationError(f"bad signature by {key_id}") from None
+
+
 def verify_event(env: Authenticated, trust: TrustStore) -> None:
     """Verify one event that carries its own signature. Raises VerificationError."""
     if env.auth is not None and env.auth.sig is None:

@@ -14,7 +14,6 @@ carrying the HTTP status (0 when the Registry could not be reached), the error c
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -22,10 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from cryptography.exceptions import InvalidSignature
 
-from events.signing import _DOMAIN as SIGNING_DOMAIN  # the prefix SigningKey.sign uses
-from events.signing import TrustStore, owner_of
+from events.signing import TrustStore, VerificationError, owner_of, verify_digest
 from registry_service.models import (
     SNAPSHOT_FORMAT,
     CommandResult,
@@ -162,12 +159,11 @@ class SnapshotVerifier:
             raise SnapshotError(0, "snapshot_invalid", "tenant count does not match the header")
         if trailer.key_id != header.key_id or owner_of(trailer.key_id) != "registry":
             raise SnapshotError(0, "snapshot_invalid", "not signed by a Registry key")
-        public = self.trust.get(trailer.key_id)
-        if public is None:
+        if self.trust.get(trailer.key_id) is None:
             raise SnapshotError(0, "snapshot_untrusted", f"unknown signer {trailer.key_id}")
         try:
-            public.verify(base64.b64decode(trailer.sig), SIGNING_DOMAIN + sha)
-        except (InvalidSignature, ValueError):
+            verify_digest(self.trust, trailer.key_id, sha, trailer.sig)
+        except VerificationError:
             raise SnapshotError(0, "snapshot_invalid", "bad snapshot signature") from None
         return header
 
