@@ -177,7 +177,11 @@ def bench_http(tmp: Path) -> dict[str, Any]:
             env = sign_event(new_envelope(TenantCreated(regions=[R], home_region=R),
                                           producer="registry", seq=1, tenant_id="h"), reg)
             asyncio.run(publish(broker.bootstrap, [(b"h", encode(env))]))
-            with httpx.Client(base_url=svc.url or "", timeout=5) as client:
+            import socket
+
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]  # no Nagle/delayed-ACK stall
+            transport = httpx.HTTPTransport(socket_options=nodelay)
+            with httpx.Client(base_url=svc.url or "", timeout=5, transport=transport) as client:
                 deadline = time.monotonic() + 20
                 while client.post("/v1/tenants/h/deks").status_code != 200:
                     assert time.monotonic() < deadline

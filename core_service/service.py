@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -21,8 +22,11 @@ from core_service import state as st
 from core_service.api import RotationQueue, create_app
 from core_service.clock import DAY, Clock, ScaledClock, SystemClock, iso
 from core_service.engine import CoreConfig, Engine, TenantUnavailable
+from core_service.follower import Follower
+from core_service.hydration import Hydrator
 from core_service.lifecycle import LifecycleConsumer
 from core_service.log import EventLog
+from core_service.reconcile import Reconciler
 from core_service.relay import Relay
 from core_service.scheduler import Scheduler
 from events.kafka import KafkaSettings
@@ -49,6 +53,8 @@ class ServiceConfig:
     purge_grace: float = 7 * DAY
     tick: float = 1.0
     clock_speed: float | None = None
+    reconcile_interval: float = 600.0
+    reconcile_max_purge_share: float = 0.1
 
 
 class CoreService:
@@ -71,7 +77,14 @@ class CoreService:
         self.relay = Relay(self.engine, self.settings)
         self.consumer = LifecycleConsumer(self.engine, self.settings, self.trust)
         self.rotations = RotationQueue(self.engine)
+        self.hydrator = Hydrator(self.engine, self.settings, self.trust, cfg.registry_url,
+                                 int(os.environ.get("OPENKCM_HYDRATION_BATCH", "2000")))
+        self.follower = Follower(self.engine, self.settings, self.trust)
+        self.reconciler = Reconciler(self.engine, self.consumer, self.trust, cfg.registry_url,
+                                     cfg.reconcile_interval, cfg.reconcile_max_purge_share)
+        self.consumer.on_link_up.append(lambda: self.reconciler.request("kafka link back"))
         self.registry_reachable: bool | None = None
+        self.registry_state: str | None = None
         self.registry_checked_at: float | None = None
         self.warm = 0
 
@@ -87,6 +100,7 @@ class CoreService:
             "tenants_served": served,
             "tenants": {"served": served, **counts, "known": len(e.state.tenants)},
             "registry": {"url": self.cfg.registry_url, "reachable": self.registry_reachable,
+                         "state": self.registry_state,
                          "checked_at": iso(self.registry_checked_at)
                          if self.registry_checked_at else None},
             "consumer": {"connected": self.consumer.connected, "lag": self.consumer.lag,
@@ -97,7 +111,10 @@ class CoreService:
                       "last_error": self.relay.last_error},
             "last_rotation": iso(meta.last_rotation) if meta.last_rotation else None,
             "rotations": meta.rotations,
-            "last_reconciliation": None,
+            "failover": self.hydrator.status(),
+            "follower": self.follower.status(),
+            "last_reconciliation": self.reconciler.last,
+            "reconciliation": self.reconciler.view(),
             "scheduler": {"last_tick": iso(self.scheduler.last_tick)
                           if self.scheduler.last_tick else None,
                           "interval_s": self.cfg.tick, "ticks": self.scheduler.ticks,
@@ -137,11 +154,17 @@ class CoreService:
         url = self.cfg.registry_url.rstrip("/") + "/healthz"
         async with httpx.AsyncClient(timeout=1.0) as client:
             while True:
+                was = self.registry_reachable
                 try:
                     r = await client.get(url)
                     self.registry_reachable = r.status_code == 200
+                    self.registry_state = _health_state(r)
                 except httpx.HTTPError:
                     self.registry_reachable = False
+                    self.registry_state = "unreachable"
+                if self.registry_reachable and was is False:
+                    # The link is back: reconcile once the backlog seen now is applied.
+                    self.reconciler.request("registry reachable again")
                 self.registry_checked_at = self.clock.now()
                 await asyncio.sleep(2.0)
 
@@ -170,7 +193,8 @@ class CoreService:
 
     async def serve(self, announce: Callable[[str], None]) -> None:
         app = create_app(self)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=TCP so asyncio sets TCP_NODELAY on accepted connections (no 40 ms stalls)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.cfg.host, self.cfg.port))
         host, port = sock.getsockname()[:2]
@@ -187,6 +211,9 @@ class CoreService:
             asyncio.create_task(self.relay.run(), name="relay"),
             asyncio.create_task(self.rotations.run(), name="rotations"),
             asyncio.create_task(self.probe_registry(), name="registry-probe"),
+            asyncio.create_task(self.hydrator.run(), name="hydration"),
+            asyncio.create_task(self.follower.run(), name="follower"),
+            asyncio.create_task(self.reconciler.run(), name="reconcile"),
         ]
         http = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         while not server.started:
@@ -207,6 +234,14 @@ class CoreService:
         except (TimeoutError, Exception):  # noqa: BLE001
             pass
         waiter.cancel()
+
+
+def _health_state(r: httpx.Response) -> str:
+    """ok, degraded or frozen from the Registry's /healthz answer."""
+    try:
+        return str(r.json().get("status") or r.status_code)
+    except ValueError:
+        return f"http {r.status_code}"
 
 
 def run(cfg: ServiceConfig, announce: Callable[[str], None]) -> int:
