@@ -29,7 +29,7 @@ from core_service.keys import (
     l3_aad,
     parse_wrapped,
 )
-from core_service.log import LIFECYCLE, LOCAL, OWN, EventLog, LogMeta
+from core_service.log import IMPORTED, LIFECYCLE, LOCAL, OWN, EventLog, LogMeta
 from core_service.state import CoreState, TenantState, apply
 from events.ids import key_version_id
 from events.kafka import DEFAULT_PARTITIONS, partition_for
@@ -41,6 +41,7 @@ from plugins.vault import Vault
 log = logging.getLogger("openkcm.core")
 
 _BIND_MARK = b"b"
+HYDRATION_PENDING = b"h/"  # + RegionFailover event id -> hydration still to do (JSON)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class _Txn:
     puts: dict[bytes, bytes] = field(default_factory=dict)
     deletes: list[bytes] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    """Tenants whose unsealed handles are forgotten after the commit (purged or moved away)."""
     results: list[dict[str, Any]] = field(default_factory=list)
 
     by_id: dict[tuple[str, str, str], KeyHandle] = field(default_factory=dict)
@@ -170,9 +172,26 @@ class Engine:
         txn.entries.append((LOCAL, event, None))
         self._fold(txn, event)
 
+    def import_event(self, txn: _Txn, tenant_id: str, event: Mapping[str, Any], stale: bool,
+                     at: float) -> None:
+        """Record another region's verified timeline event (an `I` entry) and fold it."""
+        record = {
+            "event_id": str(uuid.uuid4()), "type": st.TIMELINE_IMPORTED, "tenant_id": tenant_id,
+            "producer": self.region, "occurred_at": iso(at),
+            "payload": {"event": dict(event), "stale": stale},
+        }
+        txn.entries.append((IMPORTED, record, None))
+        self._fold(txn, record)
+
+    def emit(self, txn: _Txn, etype: str, tenant_id: str, payload: dict[str, Any], at: float
+             ) -> dict[str, Any]:
+        """Append one of this region's own timeline events (published by the relay)."""
+        return self._own(txn, etype, tenant_id, payload, at)
+
     def commit(self, txn: _Txn) -> None:
         if not txn.entries and not txn.puts and not txn.deletes:
-            if txn.meta.offsets != self.log.meta.offsets or txn.meta.pseq != self.log.meta.pseq:
+            if (txn.meta.offsets != self.log.meta.offsets or txn.meta.pseq != self.log.meta.pseq
+                    or txn.meta.key_offsets != self.log.meta.key_offsets):
                 self.log.insert_events([], {}, txn.meta)
             return
         try:
@@ -208,7 +227,8 @@ class Engine:
             if not complete and t is not None:
                 have = {(layer, kid) for layer, kid, _ in items}
                 complete = all(("L2", k.key_id) in have for k in t.l2) and all(
-                    ("L3", k.key_id) in have for k in t.l3)
+                    ("L3", k.key_id) in have for k in t.l3) and all(
+                    (k.layer, k.key_id) in have for k in t.stale)
                 if complete:
                     self.cache.l2.setdefault(tid, {})
                     self.cache.l3.setdefault(tid, {})
@@ -247,6 +267,8 @@ class Engine:
             elif kind == LIFECYCLE:
                 assert raw is not None
                 out.append(LIFECYCLE + raw)
+            elif kind == IMPORTED:
+                out.append(IMPORTED + orjson.dumps(event))
             else:
                 out.append(LOCAL + orjson.dumps(event))
         return out
@@ -397,6 +419,8 @@ class Engine:
             self.counters["lifecycle_applied"] += 1
             tid = event.get("tenant_id")
             if tid is None:
+                if event["type"] == "RegionFailover":
+                    self._region_failover(txn, event, now)
                 continue
             t = self.tenant(txn, tid)
             etype = event["type"]
@@ -416,6 +440,36 @@ class Engine:
         for p, (nxt, hwm) in offsets.items():
             txn.meta.offsets[str(p)] = [nxt, hwm]
         self.commit(txn)
+
+    def _region_failover(self, txn: _Txn, event: Mapping[str, Any], now: float) -> None:
+        """A verified RegionFailover. The survivor records that hydration is pending (in this
+        transaction, with the consumed offset; core_service.hydration does the work); every
+        other region records the move of each tenant it affects (OwnershipMoved), which fences
+        the old owner: it stops rotating and serving them."""
+        p = st.lifecycle_payload(event)
+        src, dst, epoch = p["from_region"], p["to_region"], int(p["epoch"])
+        listed = set(p["tenants"]) if p.get("tenants") is not None else None
+        known = {**self.state.tenants, **txn.overlay}
+        affected = [t for t in known.values()
+                    if t.owner == src and (listed is None or t.tenant_id in listed)]
+        if dst == self.region:
+            candidates = sorted(t.tenant_id for t in affected
+                                if not (t.status == st.ACTIVE and t.owner == self.region))
+            marker = {"event_id": str(event["event_id"]), "from_region": src,
+                      "to_region": dst, "epoch": epoch, "declared_at": event["occurred_at"],
+                      "tenants": candidates, "refused": [], "hydrated": 0}
+            txn.puts[HYDRATION_PENDING + str(event["event_id"]).encode()] = orjson.dumps(marker)
+            return
+        for t in affected:
+            if dst not in t.regions or t.status in (st.PURGED, st.FOREIGN) or t.epoch >= epoch:
+                continue  # not moved (allow-list excludes the survivor) or already newer
+            self._local(txn, st.OWNERSHIP_MOVED, t.tenant_id, {
+                "from_region": src, "to_region": dst, "epoch": epoch,
+                "cause_event_id": str(event["event_id"])}, now)
+            if self.region == src:
+                txn.purged.append(t.tenant_id)  # fenced: forget its unsealed keys
+                log.warning("tenant %s moved to %s at epoch %s: fenced here",
+                            t.tenant_id, dst, max(t.epoch + 1, epoch))
 
     def run_due(self, now: float, rotations: list[tuple[str, str]], purges: list[str],
                 inits: list[str]) -> int:
@@ -443,8 +497,9 @@ class Engine:
             return  # only a verified TenantDeleted whose grace ended leads here
         self.vault.destroy_tenant(tenant_id)
         txn = self.begin()
-        destroyed = [k.key_id for k in t.l2] + [k.key_id for k in t.l3]
-        layers = ["L2"] * len(t.l2) + ["L3"] * len(t.l3)
+        destroyed = [k.key_id for k in t.l2] + [k.key_id for k in t.l3] + [
+            k.key_id for k in t.stale]
+        layers = ["L2"] * len(t.l2) + ["L3"] * len(t.l3) + [k.layer for k in t.stale]
         self._own(txn, "TenantPurged", tenant_id, {
             "region": self.region, "epoch": t.epoch, "destroyed": destroyed,
             "destroyed_layers": layers}, now)
@@ -462,7 +517,7 @@ class Engine:
         candidates = [r for r in (t.l1_ref, marker.decode() if marker else None,
                                   *reversed(t.l1_history)) if r]
         l2: dict[str, KeyHandle] = {}
-        for kv in t.l2:
+        for kv in (*t.l2, *(k for k in t.stale if k.layer == "L2")):
             blob = self.vault.get(tenant_id, "L2", kv.key_id)
             if blob is None:
                 raise TenantUnavailable(503, "material_missing",
@@ -478,7 +533,7 @@ class Engine:
                 raise TenantUnavailable(503, "unseal_failed",
                                         f"L2 {kv.key_id} of {tenant_id}: {last_error}")
         l3: dict[str, KeyHandle] = {}
-        for kv in t.l3:
+        for kv in (*t.l3, *(k for k in t.stale if k.layer == "L3")):
             blob = self.vault.get(tenant_id, "L3", kv.key_id)
             parent = l2.get(kv.parent_key_id or "")
             if blob is None or parent is None:
@@ -515,6 +570,10 @@ class Engine:
                                      f"tenant {tenant_id} was purged: its keys are destroyed")
         if s == st.DELETED:
             return TenantUnavailable(409, "tenant_deleted", f"tenant {tenant_id} was deleted")
+        if s == st.MOVED:
+            return TenantUnavailable(409, "moved",
+                                     f"moved to {t.owner} at epoch {t.epoch}: tenant "
+                                     f"{tenant_id} is no longer owned by {r}")
         if s == st.INITIALIZING:
             return TenantUnavailable(409, "initializing",
                                      f"tenant {tenant_id} has no keys yet in {r}")
@@ -612,4 +671,5 @@ def tenant_view(t: TenantState, region: str, config: CoreConfig) -> dict[str, An
         "purge_at": iso(t.purge_at) if t.purge_at is not None else None,
         "purged_at": iso(t.purged_at) if t.purged_at is not None else None,
         "versions": {"L2": [_kv_view(k) for k in t.l2], "L3": [_kv_view(k) for k in t.l3]},
+        "stale": [{**_kv_view(k), "stale": True} for k in t.stale],
     }

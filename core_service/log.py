@@ -3,7 +3,8 @@
 Layout (raw bytes keys):
 - `l` + pos (8 bytes big-endian) -> one log entry: a kind byte and the event's JSON
   (`E` own timeline event as signed wire bytes, `L` accepted lifecycle event as received,
-  `P` local record). Positions count 1, 2, 3... without gaps.
+  `P` local record, `I` another region's timeline event imported by hydration or the
+  follower). Positions count 1, 2, 3... without gaps.
 - `t` + tenant id -> the tenant's folded state (the projection; loaded directly on restart).
 - `e` + event id -> position of an accepted lifecycle event (dedupe by event_id).
 - `m/meta` -> log head: last position, the Core's producer seq, the hash-chain heads of its
@@ -34,6 +35,7 @@ from core_service.state import TenantState, dump_tenant, load_tenant
 OWN = b"E"
 LIFECYCLE = b"L"
 LOCAL = b"P"
+IMPORTED = b"I"
 
 _META = b"m/meta"
 _RELAY = b"m/relay"
@@ -51,11 +53,13 @@ class LogMeta:
     """"partition/producer" -> last applied lifecycle seq."""
     last_rotation: float | None = None
     rotations: int = 0
+    key_offsets: dict[str, int] = field(default_factory=dict)
+    """kcm.core.keys partition -> next offset the follower reads (core_service.follower)."""
 
     def copy(self) -> LogMeta:
         return LogMeta(
             self.pos, self.seq, dict(self.heads), {k: list(v) for k, v in self.offsets.items()},
-            dict(self.pseq), self.last_rotation, self.rotations,
+            dict(self.pseq), self.last_rotation, self.rotations, dict(self.key_offsets),
         )
 
 

@@ -6,7 +6,10 @@ The log holds three kinds of entries, all folded by `apply`:
 - the lifecycle events it accepted from the Registry (`TenantCreated`, `TenantDeleted`,
   `TenantRestored`, `TenantRegionsChanged`; `RegionFailover` is region-scoped and folds into no
   tenant), which record what the Core knows of a tenant, including "seen, not allowed here",
-- local records of the Core (`PolicySet`: a per-tenant rotation policy override).
+- local records of the Core (`PolicySet`: a per-tenant rotation policy override;
+  `OwnershipMoved`: a RegionFailover moved the tenant elsewhere, which fences an old owner),
+- imported records (`TimelineImported`): another region's verified timeline event, folded into
+  the key timeline by hydration or, flagged stale, by the follower (docs/dr.md).
 
 An event is the plain JSON object of its envelope (`type`, `tenant_id`, `event_id`, `producer`,
 `seq`, `occurred_at`, `payload`). Live consumption, restart, replay and hydration run the same
@@ -33,8 +36,11 @@ FOREIGN = "foreign"  # allow-list excludes this region: never keys
 PENDING_PURGE = "pending_purge"  # deleted, keys disabled until the grace ends or a restore
 PURGED = "purged"  # crypto-shredded
 DELETED = "deleted"  # deleted while holding no keys here
+MOVED = "moved"  # was owned here; a RegionFailover moved it to a higher epoch elsewhere (fenced)
 
 POLICY_SET = "PolicySet"  # local record type (not published)
+OWNERSHIP_MOVED = "OwnershipMoved"  # local record: a RegionFailover moved the tenant's owner
+TIMELINE_IMPORTED = "TimelineImported"  # imported record: another region's timeline event
 
 
 class KeyVer(NamedTuple):
@@ -70,6 +76,9 @@ class TenantState(NamedTuple):
     purged_at: float | None = None
     created_at: float | None = None
     updated_at: float | None = None
+    stale: tuple[KeyVer, ...] = ()
+    """Versions another region minted with a stale epoch (during a split), imported
+    decrypt-only: never current, never rotated from."""
 
     @property
     def current_l2(self) -> KeyVer | None:
@@ -212,9 +221,65 @@ def apply(tenant: TenantState | None, event: Mapping[str, Any], region: str) -> 
         )
     if etype == "TenantHydrated":
         return tenant._replace(
-            status=ACTIVE, owner=p["region"], epoch=int(p["epoch"]), updated_at=at
+            status=PENDING_PURGE if tenant.status == PENDING_PURGE else ACTIVE,
+            owner=p["region"], epoch=int(p["epoch"]), updated_at=at
         )
+    if etype == OWNERSHIP_MOVED:
+        status = tenant.status
+        if status in (ACTIVE, PENDING_PURGE):
+            status = MOVED
+        elif status == INITIALIZING:
+            status = STANDBY
+        return tenant._replace(status=status, owner=p["to_region"],
+                               epoch=max(tenant.epoch + 1, int(p["epoch"])), updated_at=at)
+    if etype == TIMELINE_IMPORTED:
+        return _imported(tenant, p["event"], bool(p.get("stale")), at)
     return tenant
+
+
+def _known(tenant: TenantState, key_id: str, layer: str) -> bool:
+    pool = (tenant.l2 if layer == "L2" else tenant.l3) + tenant.stale
+    return any(k.key_id == key_id and k.layer == layer for k in pool)
+
+
+def _add(tenant: TenantState, key: KeyVer, stale: bool) -> TenantState:
+    if _known(tenant, key.key_id, key.layer):
+        return tenant  # imported twice (hydration resumed, follower re-read): no duplicate
+    if stale:
+        return tenant._replace(stale=(*tenant.stale, key))
+    if key.layer == "L2":
+        return tenant._replace(l2=(*tenant.l2, key))
+    return tenant._replace(l3=(*tenant.l3, key))
+
+
+def _imported(tenant: TenantState, event: Mapping[str, Any], stale: bool, at: float
+              ) -> TenantState:
+    """Fold one timeline event of another region (hydration, or a stale-epoch version seen by
+    the follower): key versions join the timeline (or `stale`), nothing else of this region's
+    status changes; TenantHydrated of the new owner follows in the same transaction."""
+    etype = event["type"]
+    p = event["payload"]
+    t = tenant
+    if etype == "TenantInitialized":
+        t = _add(t, _key("L2", p["l2"], "initial"), stale)
+        t = _add(t, _key("L3", p["l3"], "initial"), stale)
+        if not stale:
+            t = t._replace(l1_ref=t.l1_ref or p["l1_ref"], epoch=max(t.epoch, int(p["epoch"])))
+    elif etype == "KeyRotated":
+        kv = p["key"]
+        t = _add(t, _key(kv["layer"], kv, p["trigger"]), stale)
+        if not stale:
+            t = t._replace(epoch=max(t.epoch, int(p["epoch"])))
+    elif etype == "TenantL1Bound" and not stale and p["l1_ref"] != t.l1_ref:
+        t = t._replace(l1_ref=p["l1_ref"], l1_history=(*t.l1_history, p["previous_l1_ref"]))
+    elif etype == "TenantHydrated" and not stale:
+        t = t._replace(epoch=max(t.epoch, int(p["epoch"])))
+    elif etype == "TenantPurgeScheduled" and not stale:
+        t = t._replace(status=PENDING_PURGE, purge_at=parse_ts(p["purge_at"]),
+                       purge_cause=p["cause_event_id"])
+    elif etype == "TenantPurgeCancelled" and not stale and t.status == PENDING_PURGE:
+        t = t._replace(status=STANDBY, purge_at=None, purge_cause=None)
+    return t._replace(updated_at=at) if t is not tenant else tenant
 
 
 def replay(events: Iterable[Mapping[str, Any]], region: str) -> CoreState:
@@ -238,7 +303,7 @@ def dump_tenant(t: TenantState) -> bytes:
             t.tenant_id, t.status, list(t.regions), t.home_region, t.owner, t.epoch, t.l1_ref,
             list(t.l1_history), [_kv_row(k) for k in t.l2], [_kv_row(k) for k in t.l3],
             t.l3_period, t.l2_period, t.deleted, t.purge_at, t.purge_cause, t.purged_at,
-            t.created_at, t.updated_at,
+            t.created_at, t.updated_at, [_kv_row(k) for k in t.stale],
         ]
     )
 
@@ -252,4 +317,5 @@ def load_tenant(raw: bytes) -> TenantState:
         r[0], r[1], tuple(r[2]), r[3], r[4], r[5], r[6], tuple(r[7]),
         tuple(map(_kv, r[8])), tuple(map(_kv, r[9])),
         r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17],
+        tuple(map(_kv, r[18])) if len(r) > 18 else (),
     )
