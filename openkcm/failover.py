@@ -3,9 +3,11 @@ straight to `kcm.registry.lifecycle`, so it works while the Registry is down."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from core_service.replicated import read_tenant_definitions
 from events import topics
 from events.envelope import encode, new_envelope, partition_key
 from events.fastpath import read_raw
@@ -18,7 +20,7 @@ from events.kafka import (
     read_to_end,
 )
 from events.models import RegionFailover
-from events.signing import load_or_create_signing_key, sign_event
+from events.signing import TrustStore, load_or_create_signing_key, sign_event
 
 DEFAULT_OPERATOR_KEY_DIR = Path.home() / ".openkcm" / "operator"
 
@@ -35,6 +37,28 @@ class Declared:
     partition: int
     offset: int
     key_id: str
+    expected_refused: list[dict[str, Any]] = field(default_factory=list)
+    """Tenants the survivor is expected to refuse, with the reason (from the compacted
+    tenant definitions; the survivor's `GET /v1/status` lists what it actually refused)."""
+
+
+def expected_refusals(definitions: dict[str, dict[str, Any]], from_region: str,
+                      to_region: str, tenants: list[str] | None) -> list[dict[str, Any]]:
+    """Tenants of `from_region` (its home tenants, or those listed) that will not move:
+    their allow-list excludes `to_region`, or they have no live definition."""
+    out: list[dict[str, Any]] = []
+    if tenants is not None:
+        chosen = {t: definitions.get(t) for t in tenants}
+    else:
+        chosen = {t: d for t, d in definitions.items() if d.get("home_region") == from_region}
+    for tid in sorted(chosen):
+        d = chosen[tid]
+        if d is None:
+            out.append({"tenant": tid, "reason": "no live definition in kcm.registry.tenants"})
+        elif to_region not in d.get("regions", ()):
+            out.append({"tenant": tid,
+                        "reason": f"allow-list {list(d['regions'])} excludes {to_region}"})
+    return out
 
 
 async def last_operator_state(settings: KafkaSettings) -> tuple[int, int]:
@@ -89,6 +113,7 @@ async def declare_failover(
         meta = await producer.send_and_wait(topics.LIFECYCLE, encode(env), key=partition_key(env))
     finally:
         await producer.stop()
+    definitions, _ = await read_tenant_definitions(settings, TrustStore(trust_dir))
     return Declared(
         event_id=str(env.event_id),
         from_region=from_region,
@@ -100,6 +125,7 @@ async def declare_failover(
         partition=meta.partition,
         offset=meta.offset,
         key_id=key.key_id,
+        expected_refused=expected_refusals(definitions, from_region, to_region, tenants),
     )
 
 
