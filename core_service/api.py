@@ -44,6 +44,13 @@ class UnwrapRequest(BaseModel):
     wrapped: str = Field(min_length=4, max_length=1000)
 
 
+class ReconcileRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_purge_share: float | None = Field(
+        default=None, ge=0, le=1,
+        description="this pass only: the share of served tenants whose purge it may schedule")
+
+
 class DekResponse(BaseModel):
     plaintext: str
     wrapped: str
@@ -135,6 +142,18 @@ def create_app(core) -> FastAPI:  # type: ignore[no-untyped-def]
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
         return core.status()
+
+    @app.post("/v1/reconcile")
+    async def reconcile_now(body: ReconcileRequest | None = None) -> dict[str, Any]:
+        """Reconcile against a Registry snapshot now, once the lifecycle backlog seen at this
+        moment is applied; answers the pass's report (also `last_reconciliation` in status)."""
+        try:
+            await asyncio.wait_for(core.reconciler.caught_up(), 30)
+        except TimeoutError:
+            raise TenantUnavailable(503, "lifecycle_behind", "the lifecycle consumer has not "
+                                    "caught up with the topic (is Kafka reachable?)") from None
+        share = body.max_purge_share if body is not None else None
+        return await core.reconciler.run_once("on-demand", share)  # type: ignore[no-any-return]
 
     @app.get("/v1/tenants/{tenant_id}/keys")
     async def keys(tenant_id: str) -> dict[str, Any]:

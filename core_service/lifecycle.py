@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,9 @@ ALLOWED_PRODUCERS = {
 }
 
 
+LINK_DOWN_AFTER = 5.0
+
+
 class LifecycleConsumer:
     def __init__(self, engine, settings: KafkaSettings, trust: TrustStore,  # type: ignore[no-untyped-def]
                  max_records: int = 5_000) -> None:
@@ -58,10 +62,41 @@ class LifecycleConsumer:
         self.pending: dict[tuple[int, str], list[tuple[int, Envelope, Any]]] = {}
         self.highwater: dict[int, int] = {}
         self.position: dict[int, int] = {}
+        self.applied: dict[int, int] = {}
+        """Per partition: every record below this offset was decided and its batch committed."""
         self.dead_letters = 0
         self.connected = False
         self.last_error: str | None = None
         self._producer: Any = None
+        self.responses = 0
+        """Fetch answers received from the broker (the reconciler waits for a fresh one)."""
+        self.last_response: float | None = None  # monotonic time of the last one
+        self.on_link_up: list[Any] = []
+        """Called when the broker answers again after the link was down (reconciliation)."""
+        self._poll_ts = 0
+
+    @property
+    def link_up(self) -> bool:
+        """The broker answered a fetch within LINK_DOWN_AFTER seconds (aiokafka reconnects
+        by itself: a cut link shows as fetches that stop being answered, not as an error)."""
+        return (self.connected and self.last_response is not None
+                and time.monotonic() - self.last_response < LINK_DOWN_AFTER)
+
+    def _saw_fetch(self, consumer: Any, tps: list[Any], reconnected: bool) -> bool:
+        ts = max((consumer.last_poll_timestamp(tp) or 0 for tp in tps), default=0)
+        if not ts or ts == self._poll_ts:
+            return False
+        self._poll_ts = ts
+        now = time.monotonic()
+        down = reconnected or (self.last_response is not None
+                               and now - self.last_response >= LINK_DOWN_AFTER)
+        self.responses += 1
+        self.last_response = now
+        if down:
+            log.info("lifecycle consumer: the broker answers again")
+            for callback in self.on_link_up:
+                callback()
+        return True
 
     @property
     def lag(self) -> int | None:
@@ -176,16 +211,20 @@ class LifecycleConsumer:
                 self.verifier = ChainVerifier(self.trust)
                 self.pending = {}
                 self.position = {p: v[0] for p, v in stored.items()}
+                self.applied = dict(self.position)
                 self.connected = True
                 backoff = 0.2
                 resets = self.engine.broker_resets
                 idle = 0
+                reconnected = self.last_error is not None
                 while True:
                     batch = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
                     for tp in tps:
                         hw = consumer.highwater(tp)
                         if hw is not None:
                             self.highwater[tp.partition] = hw
+                    if self._saw_fetch(consumer, tps, reconnected):
+                        reconnected = False
                     if not any(batch.values()):
                         idle += 1
                         if resets != self.engine.broker_resets or (
@@ -200,10 +239,12 @@ class LifecycleConsumer:
                             for tp in tps:
                                 consumer.seek(tp, 0)
                                 self.position[tp.partition] = 0
+                                self.applied[tp.partition] = 0
                         continue
                     accepted, dead = self.process(batch)
                     await self._publish_dead(dead)
                     self.engine.apply_lifecycle(accepted, self._new_offsets)
+                    self.applied.update(self.position)
                     self.last_error = None
             except asyncio.CancelledError:
                 raise

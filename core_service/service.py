@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import os
 import signal
 import socket
 from collections.abc import Callable
@@ -23,8 +22,6 @@ from core_service import state as st
 from core_service.api import RotationQueue, create_app
 from core_service.clock import DAY, Clock, ScaledClock, SystemClock, iso
 from core_service.engine import CoreConfig, Engine, TenantUnavailable
-from core_service.follower import Follower
-from core_service.hydration import Hydrator
 from core_service.follower import Follower
 from core_service.hydration import Hydrator
 from core_service.lifecycle import LifecycleConsumer
@@ -83,9 +80,6 @@ class CoreService:
         self.hydrator = Hydrator(self.engine, self.settings, self.trust, cfg.registry_url,
                                  int(os.environ.get("OPENKCM_HYDRATION_BATCH", "2000")))
         self.follower = Follower(self.engine, self.settings, self.trust)
-        self.hydrator = Hydrator(self.engine, self.settings, self.trust, cfg.registry_url,
-                                 int(os.environ.get("OPENKCM_HYDRATION_BATCH", "2000")))
-        self.follower = Follower(self.engine, self.settings, self.trust)
         self.reconciler = Reconciler(self.engine, self.consumer, self.trust, cfg.registry_url,
                                      cfg.reconcile_interval, cfg.reconcile_max_purge_share)
         self.consumer.on_link_up.append(lambda: self.reconciler.request("kafka link back"))
@@ -117,8 +111,6 @@ class CoreService:
                       "last_error": self.relay.last_error},
             "last_rotation": iso(meta.last_rotation) if meta.last_rotation else None,
             "rotations": meta.rotations,
-            "failover": self.hydrator.status(),
-            "follower": self.follower.status(),
             "failover": self.hydrator.status(),
             "follower": self.follower.status(),
             "last_reconciliation": self.reconciler.last,
@@ -219,8 +211,6 @@ class CoreService:
             asyncio.create_task(self.relay.run(), name="relay"),
             asyncio.create_task(self.rotations.run(), name="rotations"),
             asyncio.create_task(self.probe_registry(), name="registry-probe"),
-            asyncio.create_task(self.hydrator.run(), name="hydration"),
-            asyncio.create_task(self.follower.run(), name="follower"),
             asyncio.create_task(self.hydrator.run(), name="hydration"),
             asyncio.create_task(self.follower.run(), name="follower"),
             asyncio.create_task(self.reconciler.run(), name="reconcile"),

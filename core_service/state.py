@@ -7,7 +7,8 @@ The log holds three kinds of entries, all folded by `apply`:
   `TenantRestored`, `TenantRegionsChanged`; `RegionFailover` is region-scoped and folds into no
   tenant), which record what the Core knows of a tenant, including "seen, not allowed here",
 - local records of the Core (`PolicySet`: a per-tenant rotation policy override;
-  `OwnershipMoved`: a RegionFailover moved the tenant elsewhere, which fences an old owner),
+  `OwnershipMoved`: a RegionFailover moved the tenant elsewhere, which fences an old owner;
+  `TenantReconciled`: a repair by reconciliation against a Registry snapshot),
 - imported records (`TimelineImported`): another region's verified timeline event, folded into
   the key timeline by hydration or, flagged stale, by the follower (docs/dr.md).
 
@@ -41,6 +42,9 @@ MOVED = "moved"  # was owned here; a RegionFailover moved it to a higher epoch e
 POLICY_SET = "PolicySet"  # local record type (not published)
 OWNERSHIP_MOVED = "OwnershipMoved"  # local record: a RegionFailover moved the tenant's owner
 TIMELINE_IMPORTED = "TimelineImported"  # imported record: another region's timeline event
+TENANT_RECONCILED = "TenantReconciled"  # local record: a repair by reconciliation (below)
+_RECONCILED_AS = {"missing": "TenantCreated", "gone": "TenantDeleted",
+                  "restored": "TenantRestored", "regions": "TenantRegionsChanged"}
 
 
 class KeyVer(NamedTuple):
@@ -145,6 +149,10 @@ def apply(tenant: TenantState | None, event: Mapping[str, Any], region: str) -> 
     else:
         p = event["payload"]
 
+    if etype == TENANT_RECONCILED:
+        # Reconciliation against a Registry snapshot repairs a tenant as the lifecycle event it
+        # stands for would have (core_service/reconcile.py); the payload carries its fields.
+        return apply(tenant, {**event, "type": _RECONCILED_AS[p["action"]]}, region)
     if etype == "TenantCreated":
         if tenant is not None:
             return tenant  # a tenant id is created once; later creates change nothing

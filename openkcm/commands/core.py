@@ -25,6 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    default=duration(env("OPENKCM_L2_PERIOD", "365d")))
     p.add_argument("--purge-grace", type=duration,
                    default=duration(env("OPENKCM_PURGE_GRACE", "7d")))
+    p.add_argument("--reconcile-interval", type=duration,
+                   default=duration(env("OPENKCM_RECONCILE_INTERVAL", "10m")),
+                   help="how often to reconcile the tenant set against a Registry snapshot "
+                        "(also at startup and when a link comes back); 0 = only then")
+    p.add_argument("--reconcile-max-purge-share", type=float,
+                   default=float(env("OPENKCM_RECONCILE_MAX_PURGE_SHARE", "0.1")),
+                   help="refuse a reconciliation pass that would schedule the purge of more "
+                        "than this share of the served tenants (at least one is allowed)")
     # Drills and tests: a faster clock and a shorter scheduler tick.
     p.add_argument("--clock-speed", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tick", type=float, default=float(env("OPENKCM_CORE_TICK", "1.0")),
@@ -54,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         purge_grace=args.purge_grace.total_seconds(),
         tick=args.tick,
         clock_speed=args.clock_speed,
+        reconcile_interval=args.reconcile_interval.total_seconds(),
+        reconcile_max_purge_share=args.reconcile_max_purge_share,
     )
 
     def announce(url: str) -> None:
