@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -93,10 +94,12 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
         web_in_thread=False,
         consumer_auto_offset_reset="earliest",
     )
-    source = app.topic(LIFECYCLE, CORE_KEYS, key_type=bytes, value_type=bytes)
+    # raw serializers: faust would otherwise JSON-decode (and crash on) whatever is on a topic
+    source = app.topic(LIFECYCLE, CORE_KEYS, key_type=bytes, value_type=bytes,
+                       key_serializer="raw", value_serializer="raw")
     control = app.topic(
         f"{cfg.app_id}-control", partitions=partitions, internal=True,
-        key_type=bytes, value_type=bytes,
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
     )
     table = app.Table(
         TABLE, default=None, partitions=partitions, key_type=bytes, value_type=bytes,
@@ -344,7 +347,9 @@ def run(cfg: AuditConfig, log_level: str = "INFO") -> int:
     partitions = asyncio.run(_prepare(cfg))
     asyncio.set_event_loop(asyncio.new_event_loop())
     app = build_app(cfg, partitions)
-    worker = AuditWorker(app, loglevel=log_level, redirect_stdouts=False, quiet=True)
+    worker = AuditWorker(
+        app, loglevel=log_level, redirect_stdouts=False, quiet=True, stdout=sys.stderr
+    )
     worker.execute_from_commandline()
     return 0
 

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--settle", type=duration, default=duration("15s"),
                    help="how long a check waiting for the other topic stays open")
     p.add_argument("--tick-interval", type=duration, default=duration("5s"))
+    p.add_argument("--app-id", default="openkcm-audit",
+                   help="consumer group and table namespace (one per audit deployment)")
     p.set_defaults(handler=lambda args: _run(p, args))
     reports = p.add_subparsers(dest="audit_command", metavar="report")
     r = reports.add_parser("report", help="write the audit report (JSON or HTML)")
@@ -88,6 +90,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         port=port,
         policy=policy,
         tick_interval=max(args.tick_interval.total_seconds(), 0.2),
+        app_id=args.app_id,
         announce=announce,
     )
     try:
