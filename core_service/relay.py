@@ -5,10 +5,14 @@
   the last event of each partition in each log batch), so a re-publish after a crash yields
   identical bytes.
 - Wrapped blobs go to the compacted `kcm.core.material` (key `tenant/layer/key_id`) as
-  individually signed `KeyMaterial` events, read from the vault at publish time (the log holds
-  no blobs, so a purge leaves nothing to recover); a `TenantPurged` publishes a tombstone for
-  every destroyed version. A material event's id is derived from its content and it carries
-  the seq of the timeline event that introduced the version.
+  `KeyMaterial` events, read from the vault at publish time (the log holds no blobs, so a purge
+  leaves nothing to recover); a `TenantPurged` publishes a tombstone for every destroyed
+  version. A material event's id is derived from its content and it carries the seq of the
+  timeline event that introduced the version. Each publish batch hash-chains its material per
+  partition with one checkpoint signature at the end (not one signature per blob, which halved
+  end-to-end rotation throughput). Compaction breaks such chains, so readers authenticate a
+  blob the stronger way: it must unwrap, under AAD binding tenant, layer and versions, to a key
+  whose check value the verified timeline records (hydration and the follower do exactly that).
 - When the broker comes back empty (its end offsets fall below what it acknowledged), the relay
   recreates the topics and publishes the whole log again.
 """
@@ -57,6 +61,7 @@ class Relay:
         self.engine = engine
         self.settings = settings
         self.batch = batch
+        self.material_partitions = settings.partitions
         self.wake = asyncio.Event()
         self.producer: Any = None
         self.connected = False
@@ -71,7 +76,8 @@ class Relay:
 
     # -- material --------------------------------------------------------------------
     def _material(self, event: dict[str, Any], layer: str, key_id: str,
-                  parent: str | None) -> bytes | None:
+                  parent: str | None) -> dict[str, Any] | None:
+        """The unsigned KeyMaterial envelope of one version (None: purged since)."""
         tid = event["tenant_id"]
         blob = self.engine.vault.get(tid, layer, key_id)
         if blob is None:
@@ -101,10 +107,26 @@ class Relay:
                 "blob": base64.b64encode(blob).decode(),
             },
         }
-        body = canonical(env)
+        return env
+
+    def _sign_material(self, items: list[tuple[bytes, dict[str, Any]]]
+                       ) -> list[tuple[bytes, int, bytes]]:
+        """(key, partition, wire bytes): chained per partition, the last of each signed."""
+        parts = self.material_partitions
         key = self.engine.key
-        sig = key.sign(hashlib.sha256(body).digest())
-        return canonical({**env, "auth": {"key_id": key.key_id, "prev": None, "sig": sig}})
+        placed = [(k, partition_for(k, parts), env) for k, env in items]
+        last = {p: i for i, (_, p, _) in enumerate(placed)}
+        heads: dict[int, str | None] = {}
+        out = []
+        for i, (k, p, env) in enumerate(placed):
+            prev = heads.get(p)
+            body = canonical(env)
+            digest = hashlib.sha256((bytes.fromhex(prev) if prev else b"") + body).digest()
+            heads[p] = digest.hex()
+            sig = key.sign(digest) if last[p] == i else None
+            out.append((k, p, canonical({**env, "auth": {"key_id": key.key_id, "prev": prev,
+                                                          "sig": sig}})))
+        return out
 
     # -- publishing ------------------------------------------------------------------
     async def _connect(self) -> None:
@@ -156,38 +178,73 @@ class Relay:
         entries = lg.select_events(relay.pos, self.batch)
         if not entries:
             return 0
-        futures: list[tuple[int | None, Any]] = []
+        out: list[tuple[str, int, bytes, bytes | None]] = []  # (topic, partition, key, value)
+        material: list[tuple[bytes, dict[str, Any]]] = []
+        # values and tombstones of one key must share a partition: use the topic's real count
+        self.material_partitions = len(
+            await self.producer.partitions_for(topics.CORE_MATERIAL)) or self.settings.partitions
         parts = self.settings.partitions
+        published = 0
         for _, entry in entries:
             if entry[:1] != OWN:
                 continue
             event = event_of(entry)
             tid = event["tenant_id"]
-            p = partition_for(tid.encode(), parts)
-            fut = await self.producer.send(topics.CORE_KEYS, entry[1:], key=tid.encode(),
-                                           partition=p)
-            futures.append((p, fut))
+            out.append((topics.CORE_KEYS, partition_for(tid.encode(), parts), tid.encode(),
+                        entry[1:]))
+            published += 1
             if event["type"] == "TenantPurged":
+                # material queued so far goes first: a tombstone must stay the last word
+                out += [(topics.CORE_MATERIAL, mp, k, v) for k, mp, v in
+                        self._sign_material(material)]
+                material.clear()
                 pl = event["payload"]
                 for layer, kid in zip(pl["destroyed_layers"], pl["destroyed"], strict=False):
-                    fut = await self.producer.send(topics.CORE_MATERIAL, None,
-                                                   key=material_key(tid, layer, kid))
-                    futures.append((None, fut))
+                    k = material_key(tid, layer, kid)
+                    out.append((topics.CORE_MATERIAL, partition_for(k, self.material_partitions),
+                                k, None))
                 continue
             for layer, kid, parent in material_refs(event):
-                value = self._material(event, layer, kid, parent)
-                if value is not None:
-                    fut = await self.producer.send(topics.CORE_MATERIAL, value,
-                                                   key=material_key(tid, layer, kid))
-                    futures.append((None, fut))
-        results = await asyncio.gather(*(f for _, f in futures))
+                env = self._material(event, layer, kid, parent)
+                if env is not None:
+                    material.append((material_key(tid, layer, kid), env))
+        out += [(topics.CORE_MATERIAL, mp, k, v) for k, mp, v in self._sign_material(material)]
+        sent = await self._send_all(out)
         ends = dict(relay.ends)
-        for (p, _), md in zip(futures, results, strict=True):
-            if p is not None:
-                ends[str(p)] = max(ends.get(str(p), 0), md.offset + 1)
-        self.published_events += sum(1 for p, _ in futures if p is not None)
+        for (topic, p), end in sent.items():
+            if topic == topics.CORE_KEYS:
+                ends[str(p)] = max(ends.get(str(p), 0), end)
+        self.published_events += published
         lg.save_relay(RelayMeta(entries[-1][0], ends))
         return len(entries)
+
+    async def _send_all(self, records: list[tuple[str, int, bytes, bytes | None]]
+                        ) -> dict[tuple[str, int], int]:
+        """Send records as one record batch per partition (order kept within a partition),
+        wait for every acknowledgement, and return the end offset reached per partition.
+        Batches skip the per-message bookkeeping of `send()`: about twice the throughput."""
+        groups: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+        for topic, p, k, v in records:
+            groups.setdefault((topic, p), []).append((k, v))
+        pending: list[tuple[tuple[str, int], int, Any]] = []
+        for (topic, p), items in groups.items():
+            batch, n = self.producer.create_batch(), 0
+            for k, v in items:
+                if batch.append(key=k, value=v, timestamp=None) is None:
+                    pending.append(((topic, p), n,
+                                    await self.producer.send_batch(batch, topic, partition=p)))
+                    batch, n = self.producer.create_batch(), 0
+                    if batch.append(key=k, value=v, timestamp=None) is None:
+                        raise ValueError(f"a record of {len(v or b'')} bytes exceeds the batch")
+                n += 1
+            if n:
+                pending.append(((topic, p), n,
+                                await self.producer.send_batch(batch, topic, partition=p)))
+        ends: dict[tuple[str, int], int] = {}
+        for tp, n, fut in pending:
+            md = await fut
+            ends[tp] = max(ends.get(tp, 0), md.offset + n)
+        return ends
 
     async def run(self) -> None:
         backoff = 0.2
