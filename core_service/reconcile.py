@@ -291,8 +291,11 @@ class Reconciler:
             self.last = orjson.loads(raw)
 
     def request(self, trigger: str) -> None:
+        """Ask for a pass; triggers that arrive while one waits join it (`a + b`)."""
         if self.pending is None:
             self.pending = trigger
+        elif trigger not in self.pending.split(" + "):
+            self.pending = f"{self.pending} + {trigger}"
         self._wake.set()
 
     def view(self) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class CoreService:
                          "state": self.registry_state,
                          "checked_at": iso(self.registry_checked_at)
                          if self.registry_checked_at else None},
-            "consumer": {"connected": self.consumer.connected, "lag": self.consumer.lag,
+            "consumer": {"connected": self.consumer.connected,
+                         "link_up": self.consumer.link_up, "lag": self.consumer.lag,
                          "dead_letters": self.consumer.dead_letters,
                          "offsets": meta.offsets, "last_error": self.consumer.last_error},
             "relay": {"connected": self.relay.connected, "log_position": meta.pos,
