@@ -205,6 +205,8 @@ class Outcome:
     key_log_events: int = 0
     key_log_events_per_second: float = 0.0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds spent reading definitions, reading the key log, unwrapping, committing."""
 
 
 class Hydrator:
@@ -276,12 +278,17 @@ class Hydrator:
         todo = [tid for tid in marker["tenants"] if tid not in refused_ids
                 and not _done(e.state.tenants.get(tid), e.region, epoch)]
         log.info("hydrating %d tenants of %s (epoch %d)", len(todo), marker["from_region"], epoch)
+        phases = {"definitions": 0.0, "key_log": 0.0, "unwrap": 0.0, "commit": 0.0}
+        t0 = time.perf_counter()
         defs, source = await self.definitions() if todo else ({}, None)
+        t1 = time.perf_counter()
         keylogs, stats = await read_key_log(self.settings, self.trust, todo) if todo else ({}, None)
+        phases["definitions"], phases["key_log"] = t1 - t0, time.perf_counter() - t1
         for i in range(0, len(todo), self.batch):
             chunk = todo[i : i + self.batch]
             plans: list[Plan] = []
             refusals: list[dict[str, str]] = []
+            t0 = time.perf_counter()
             for n, tid in enumerate(chunk):
                 result = plan_tenant(tid, e.region, epoch, defs.get(tid), keylogs.get(tid),
                                      e.state.tenants.get(tid), e.l1)
@@ -291,14 +298,18 @@ class Hydrator:
                     plans.append(result)
                 if n % 500 == 499:
                     await asyncio.sleep(0)
+            t1 = time.perf_counter()
             self._commit_chunk(marker, key, plans, refusals)
+            phases["unwrap"] += t1 - t0
+            phases["commit"] += time.perf_counter() - t1
             await asyncio.sleep(0)
         outcome = Outcome(marker["event_id"], marker["from_region"], marker["to_region"], epoch,
                           len(marker["tenants"]), int(marker.get("hydrated", 0)),
                           list(marker["refused"]), source,
                           stats.events if stats else 0,
                           round(stats.events_per_second) if stats else 0.0,
-                          round(time.perf_counter() - started, 3))
+                          round(time.perf_counter() - started, 3),
+                          {k: round(v, 3) for k, v in phases.items()})
         done = {**outcome.__dict__, "finished_at": e.clock.now()}
         txn = e.begin()
         txn.deletes.append(key)

@@ -125,4 +125,4 @@ def test_measure_failover(tmp_path: Path, fresh_broker: EmbeddedBroker, trust_di
     r2.stop()
     print(f"failover of {n} tenants: {total:.2f}s from declaration to every tenant served "
           f"(hydration {last['seconds']}s; key log {last['key_log_events']} events at "
-          f"{last['key_log_events_per_second']}/s)")
+          f"{last['key_log_events_per_second']}/s; phases {last['phases']})")
