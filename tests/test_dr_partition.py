@@ -284,6 +284,11 @@ def test_partition_links_cut_rotation_and_l4_continue_backlog_in_order_drift_rep
             assert unwrap(url, "t1", w) == p
         wait_until(lambda: status(url)["relay"]["backlog"] == 0, what="relay caught up")
         assert status(url)["tenants"].get("purged", 0) == 0
+        assert status(url)["consumer"]["dead_letters"] == 0
+        # The relay resumed where it was: nothing published twice after the heal.
+        published = [json.loads(r.value)["event_id"]
+                     for r in asyncio.run(read_topic(broker, topics.CORE_KEYS))]
+        assert len(published) == len(set(published))
         # A second pass finds nothing left.
         again = httpx.post(f"{url}/v1/reconcile", timeout=30).json()
         assert again["outcome"] == "clean" and again["drift"]["total"] == 0
