@@ -2,7 +2,8 @@
 as subprocesses; the Registry SIGKILLed, every file of its RocksDB store overwritten, and
 restarted. It refuses management with 503 (frozen); the Cores keep rotating and serving;
 reconciliation refuses to act on a frozen Registry, so nothing is purged (with a purge grace
-of 2 s, a wrongly scheduled purge would have happened within the test). Then the Registry is
+of 2 s, a wrongly scheduled purge would have happened within the test). Restarted on an empty
+store, its snapshot is older than what the Cores applied: refused too. Then the Registry is
 gone entirely: the Cores report it unreachable and carry on, a restarted Core included.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,23 @@ def test_registry_killed_and_store_corrupted_cores_carry_on_nothing_purged(
                 assert unwrap(url[home], tid, w) == p
         for p, w in made:
             assert unwrap(url[R1], "a1", w) == p
+
+        # Restarted on an empty store (its files deleted, its key kept): it answers, but its
+        # signed snapshot (seq 0, no tenants) is older than what the Cores applied: refused.
+        registry.kill()
+        shutil.rmtree(tmp_path / "registry" / "store")
+        registry.start()
+        assert httpx.get(f"{registry.url}/healthz", timeout=5).json()["store_seq"] == 0
+
+        def stale(u: str) -> dict[str, Any] | None:
+            last = status(u)["last_reconciliation"] or {}
+            reason = (last.get("refused") or {}).get("reason") or ""
+            return last if last.get("snapshot_seq") == 0 and "older than" in reason else None
+
+        for u in url.values():
+            report = wait_until(lambda u=u: stale(u), timeout=15, what="a stale snapshot refused")
+            assert report["applied_seq"] >= len(homes)
+            assert status(u)["tenants"].get("pending_purge", 0) == 0
 
         # Gone entirely: unreachable, the Cores carry on; a restarted Core serves at once.
         registry.kill()
