@@ -126,6 +126,7 @@ class TrustStore:
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._rescan_interval = rescan_interval
         self._last_scan = 0.0
+        self._dir_mtime: int | None = None
         if directory is not None:
             self.rescan()
 
@@ -137,8 +138,15 @@ class TrustStore:
     def add_signer(self, key: SigningKey) -> None:
         self.add(key.key_id, key.public_key)
 
+    def _mtime(self) -> int | None:
+        try:
+            return self.directory.stat().st_mtime_ns if self.directory is not None else None
+        except OSError:
+            return None
+
     def rescan(self) -> None:
         self._last_scan = time.monotonic()
+        self._dir_mtime = self._mtime()
         if self.directory is None or not self.directory.is_dir():
             return
         for path in self.directory.glob("*.pub"):
@@ -153,8 +161,14 @@ class TrustStore:
                 self._keys[key_id] = pub
 
     def get(self, key_id: str) -> Ed25519PublicKey | None:
+        """The key, re-reading the trust dir for an unknown id when a key was published since
+        the last read (the directory changed) or the rescan interval passed: a key published
+        a moment before its first event is never missed."""
         key = self._keys.get(key_id)
-        if key is None and time.monotonic() - self._last_scan >= self._rescan_interval:
+        if key is None and self.directory is not None and (
+            self._mtime() != self._dir_mtime
+            or time.monotonic() - self._last_scan >= self._rescan_interval
+        ):
             self.rescan()
             key = self._keys.get(key_id)
         return key

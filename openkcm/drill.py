@@ -46,7 +46,7 @@ Progress = Callable[[str], None]
 
 @dataclass
 class DrillConfig:
-    tenants: int = 12
+    tenants: int = 24
     regions: int = 3
     deks_per_tenant: int = 2
     l3_period: str = "3s"
@@ -213,12 +213,24 @@ class Drill:
                     bad.append(f"{tenant.tenant_id}@{region}: {status} {got}"[:200])
         return ok, bad
 
-    def timeline(self, region: str, tenant_id: str) -> list[dict[str, Any]]:
-        """Every key version the region holds for the tenant (both layers), no material."""
+    def keys(self, region: str, tenant_id: str) -> dict[str, Any]:
         r = self.http.get(f"{self.core_url(region)}/v1/tenants/{tenant_id}/keys")
         r.raise_for_status()
-        versions = r.json()["versions"]
-        return [*versions.get("L2", []), *versions.get("L3", [])]
+        return dict(r.json())
+
+    def timeline(self, region: str, tenant_id: str) -> list[dict[str, Any]]:
+        """Every key version the region holds for the tenant (both layers, stale ones
+        included), no material."""
+        body = self.keys(region, tenant_id)
+        versions = body["versions"]
+        return [*versions.get("L2", []), *versions.get("L3", []), *body.get("stale", [])]
+
+    def timeline_any(self, region: str, tenant_id: str) -> list[dict[str, Any]]:
+        """Like `timeline`, empty where the region refuses to show the tenant."""
+        try:
+            return self.timeline(region, tenant_id)
+        except httpx.HTTPStatusError:
+            return []
 
     def status(self, region: str) -> dict[str, Any]:
         r = self.http.get(f"{self.core_url(region)}/v1/status")
@@ -406,6 +418,9 @@ def scenario_region_loss(d: Drill) -> None:
     resumed = wait_for(lambda: all(len(d.timeline(survivor, t.tenant_id)) > before[t.tenant_id]
                                    for t in movable), 30, interval=0.5)
     res.check("rotation resumes on the survivor", resumed)
+    res.rotations = d.rotations()
+    res.rotations_during_outage = sum(
+        1 for r in res.rotations if r["region"] == survivor and r["t"] > fault)
 
 
 def scenario_registry_loss(d: Drill) -> None:
@@ -474,15 +489,32 @@ def scenario_split_brain(d: Drill) -> None:
         time.sleep(0.5)
     res.deks_verified = ok
     res.rpo_deks_lost = len(bad)
+    res.tenants_moved = len(movable)
     res.check("every DEK from both sides unwraps at the owner", not bad, "; ".join(bad[:3]))
+    flagged, current_ok = 0, True
+    for t in movable:
+        view = d.keys(new, t.tenant_id)
+        flagged += len(view.get("stale") or [])
+        current = str(view["current"]["L3"])
+        current_ok = current_ok and current.startswith(f"e{view['epoch']}v")
+    res.stale_events_fenced = flagged
+    res.check("stale-epoch versions are flagged at the owner and never current",
+              flagged > 0 and current_ok,
+              f"{flagged} stale versions imported decrypt-only; current keys carry the new epoch")
+    moved_ids = {t.tenant_id for t in movable}
     rotations = d.rotations()
-    stale = [r for r in rotations if r["region"] == old and r["tenant"] in
-             {t.tenant_id for t in movable} and r["t"] > fault]
-    res.stale_events_fenced = len(stale)
     for r in rotations:
-        r["stale"] = r in stale
+        r["stale"] = r["region"] == old and r["tenant"] in moved_ids and r["t"] > fault
     res.rotations = rotations
-    res.rpo_key_versions_lost = 0
+    res.rotations_during_outage = sum(
+        1 for r in rotations if res.fault_window and fault < r["t"] <= res.fault_window[1])
+    lost = 0
+    for t in movable:  # every version the old side minted is known to the owner
+        owner_ids = {v["key_id"] + v["layer"] for v in d.timeline(new, t.tenant_id)}
+        old_ids = {v["key_id"] + v["layer"] for v in d.timeline_any(old, t.tenant_id)}
+        lost += len(old_ids - owner_ids)
+    res.rpo_key_versions_lost = lost
+    res.check("no key version of either side is lost", lost == 0, f"{lost} unknown to the owner")
 
 
 def _not_owner(d: Drill, region: str, tenant_id: str) -> bool:

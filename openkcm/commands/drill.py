@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("drill", help="run a DR drill (partition, region-loss, registry-loss, "
                                      "split-brain or all) on real processes, with reports")
     p.add_argument("scenario", choices=(*SCENARIOS, "all"))
-    p.add_argument("--tenants", type=int, default=12, help="tenants to load (default 12)")
+    p.add_argument("--tenants", type=int, default=24, help="tenants to load (default 24)")
     p.add_argument("--regions", type=int, default=3, choices=(2, 3, 4, 5))
     p.add_argument("--deks-per-tenant", type=int, default=2)
     p.add_argument("--report-dir", type=Path, default=Path("drill-report"))
