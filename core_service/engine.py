@@ -119,6 +119,7 @@ class Engine:
         self.cache = KeyCache()
         self.listeners: list[Any] = []  # called after each commit (the relay's wake-up)
         self.broker_resets = 0  # the relay counts brokers that came back empty
+        self.hydration_requested = False  # set with a pending hydration marker (hydration.py)
         self.counters: dict[str, int] = {
             "deks_generated": 0, "deks_unwrapped": 0, "dek_refusals": 0, "rotations": 0,
             "lifecycle_applied": 0, "purges": 0, "initialized": 0,
@@ -459,6 +460,7 @@ class Engine:
                       "to_region": dst, "epoch": epoch, "declared_at": event["occurred_at"],
                       "tenants": candidates, "refused": [], "hydrated": 0}
             txn.puts[HYDRATION_PENDING + str(event["event_id"]).encode()] = orjson.dumps(marker)
+            self.hydration_requested = True
             return
         for t in affected:
             if dst not in t.regions or t.status in (st.PURGED, st.FOREIGN) or t.epoch >= epoch:

@@ -226,6 +226,7 @@ class Follower:
                 self.connected = True
                 backoff = 0.2
                 flushed = time.monotonic()
+                own = b'"producer":"' + self.engine.region.encode() + b'"'
                 while True:
                     if hydration_pending(self.engine):
                         await asyncio.sleep(0.2)
@@ -236,6 +237,8 @@ class Follower:
                         p = tp.partition
                         for rec in records:
                             self._next[p] = rec.offset + 1
+                            if own in rec.value:
+                                continue  # our own events (canonical JSON): the log has them
                             try:
                                 ev = read_raw(rec.value)
                             except DecodeError:

@@ -222,7 +222,11 @@ class Hydrator:
         self.wake = asyncio.Event()
         self.running: str | None = None
         self.last_error: str | None = None
-        engine.listeners.append(self.wake.set)
+        engine.listeners.append(self._committed)
+
+    def _committed(self) -> None:
+        if self.engine.hydration_requested:  # a RegionFailover left a pending marker
+            self.wake.set()
 
     # -- state -----------------------------------------------------------------------
     def pending(self) -> dict[str, dict[str, Any]]:
@@ -349,6 +353,7 @@ class Hydrator:
     async def run(self) -> None:
         while True:
             try:
+                self.engine.hydration_requested = False
                 for marker in self.pending().values():
                     self.running = marker["event_id"]
                     await self.hydrate(marker)
