@@ -109,13 +109,18 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
     stats = Stats()
     policy = cfg.policy
 
-    class ChainView:
-        """Chain records, read and written through the table in the event's context."""
+    class TableStore:
+        """What the ingest reads of the table (in the current event's partition)."""
 
-        def get(self, key: str) -> dict[str, Any] | None:
+        def get_json(self, key: str) -> dict[str, Any] | None:
             return views.loads(table.get(key.encode()))
 
-    ingest = Ingest(trust, ChainView())  # type: ignore[arg-type]
+        def get_raw(self, key: str) -> bytes | None:
+            value = table.get(key.encode())
+            return None if value is None else bytes(value)
+
+    ingest = Ingest(trust, TableStore())
+    activity = {"last": 0.0}
 
     def save_findings(found: list[Finding]) -> None:
         for f in found:
@@ -135,13 +140,17 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
 
     @app.agent(source)
     async def audit_source(stream: Any) -> None:
-        async for event in stream.noack().events():
+        async for event in stream.events():
             msg = event.message
+            activity["last"] = time.monotonic()
             stats.records.labels(msg.topic).inc()
-            record = Record(msg.topic, msg.partition, msg.offset, msg.value,
-                            msg.timestamp, ref=event)
+            record = Record(msg.topic, msg.partition, msg.offset, msg.value, msg.timestamp)
             outcome = ingest.feed(record)
             now = cfg.clock()
+            # Order matters for a kill at any instant: the stash, findings and tenant states
+            # first, then the chain record (which makes them "done"), then the clean-up.
+            if outcome.stash is not None:
+                table[outcome.stash[0].encode()] = outcome.stash[1]
             save_findings(outcome.findings)
             for ev in outcome.events:
                 if ev.tenant_id is None:  # RegionFailover: to every partition's tenants
@@ -151,10 +160,10 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     stats.events.inc()
                 else:
                     fold(ev, msg.partition, now)
-            for key, value in outcome.chains.items():
-                table[key.encode()] = views.dumps(value)
-            for done in outcome.ack:
-                done.ref.ack()
+            if outcome.chain is not None:
+                table[outcome.chain[0].encode()] = views.dumps(outcome.chain[1])
+            for key in outcome.unstash:
+                table.pop(key.encode(), None)
 
     @app.agent(control)
     async def audit_control(stream: Any) -> None:
@@ -186,9 +195,24 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     if new != state:
                         table[key] = views.dumps(new)
 
+    async def caught_up() -> bool:
+        """Ticks judge "now" against the timelines: only when the backlog is read, or an
+        audit catching up would call a rotation overdue that is merely not read yet."""
+        if time.monotonic() - activity["last"] < min(1.0, cfg.tick_interval):
+            return False
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in (LIFECYCLE, CORE_KEYS):
+                continue
+            highwater = consumer.highwater(tp)
+            position = await consumer.position(tp)
+            if highwater is None or position is None or position < highwater:
+                return False
+        return True
+
     @app.timer(cfg.tick_interval)
     async def audit_tick() -> None:
-        if not ready():
+        if not ready() or not await caught_up():
             return
         payload = views.dumps({"kind": "tick", "now": cfg.clock()})
         for p in range(partitions):
@@ -282,8 +306,8 @@ async def _prepare(cfg: AuditConfig) -> int:
             raise RuntimeError(f"{LIFECYCLE} and {CORE_KEYS} must be co-partitioned: {counts}")
         partitions = counts.pop()
         changelog = f"{cfg.app_id}-{TABLE}-changelog"
-        await consumer._client.force_metadata_update()  # noqa: SLF001
-        parts = consumer.partitions_for_topic(changelog)
+        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001
+        parts = cluster.partitions_for_topic(changelog)
         if parts:
             from aiokafka import TopicPartition
 

@@ -2,18 +2,17 @@
 
 `Ingest.feed(record)` takes one Kafka record of a source topic and returns what became
 decidable: events now authenticated (in chain order, ready for the fold), findings for what
-failed (undecodable, unauthenticated, broken chain) and the records that may be acknowledged.
-Unsigned events wait for their chain's checkpoint; their records are not acknowledged until
-then, so the committed offset never passes an event that was not yet verified and a restart
-re-reads (and re-verifies) them. Chain heads live in the caller's table (`chains`), so the
-check that a verified run continues from the last verified event survives restarts.
+failed (undecodable, unauthenticated, broken chain) and what to write to the table.
+Unsigned events wait for their chain's checkpoint; they are stashed in the caller's table with
+the chain's head, so a restarted process resumes verification from the table (records are
+acknowledged at once and the committed offset may pass them). The check that a verified run
+continues from the last verified event survives restarts the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -70,24 +69,57 @@ class Received:
 class Outcome:
     events: list[Event] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
-    ack: list[Record] = field(default_factory=list)
-    chains: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Chain records to store (key -> {head, offset}), after the events are applied."""
+    stash: tuple[str, bytes] | None = None
+    """An unsigned event to keep until its checkpoint (key, wire bytes): write it first."""
+    chain: tuple[str, dict[str, Any]] | None = None
+    """The chain record to write after the events are applied."""
+    unstash: list[str] = field(default_factory=list)
+    """Kept events to delete, after the chain record is written."""
 
 
 def chain_key(topic: str, partition: int, producer: str) -> str:
     return f"c:{topic}:{partition}:{producer}"
 
 
+def stash_key(chain: str, offset: int) -> str:
+    return f"p:{chain[2:]}:{offset}"
+
+
+class Store(Protocol):
+    def get_json(self, key: str) -> dict[str, Any] | None: ...
+
+    def get_raw(self, key: str) -> bytes | None: ...
+
+
 @dataclass
 class Ingest:
+    """Chain records (`c:` keys) are {"head": hex digest of the last verified event,
+    "offset": its offset, "fed": the last offset fed to the verifier, "pending": offsets of
+    unsigned events waiting for a checkpoint}; each waiting event is stashed under a `p:` key
+    so a restarted process rebuilds its verifier from the table, not by re-reading the topic."""
+
     trust: TrustStore
-    chains: MutableMapping[str, dict[str, Any]]
-    """Chain records by key: {"head": hex digest, "offset": last verified offset}."""
+    store: Store
     verifier: ChainVerifier = field(init=False)
+    _loaded: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.verifier = ChainVerifier(self.trust)
+
+    def _chain_record(self, key: str, chain: tuple[str, int, str]) -> dict[str, Any]:
+        rec = self.store.get_json(key) or {"head": None, "offset": -1, "fed": -1, "pending": []}
+        if key not in self._loaded:
+            self._loaded.add(key)
+            kept = []
+            for offset in rec["pending"]:
+                raw = self.store.get_raw(stash_key(key, offset))
+                if raw is None:
+                    continue
+                ev = _read(raw)
+                self.verifier.feed(chain, Received(Record(chain[0], chain[1], offset, raw, 0), ev))
+                kept.append(offset)
+            rec["pending"] = kept
+        return rec
 
     def feed(self, record: Record) -> Outcome:
         out = Outcome()
@@ -95,31 +127,36 @@ class Ingest:
             ev: RawEvent | Envelope = _read(record.value)
         except DecodeError as exc:
             out.findings.append(_undecodable(record, str(exc)))
-            out.ack.append(record)
             return out
         received = Received(record, ev)
         chain = (record.topic, record.partition, received.producer)
+        key = chain_key(*chain)
+        rec = self._chain_record(key, chain)
+        if record.offset <= rec["fed"]:
+            return out  # fed before a restart: its outcome is in the table already
+        rec = {**rec, "fed": record.offset}
         verified, rejected = self.verifier.feed(chain, received)
+        done: set[int] = set()
         for bad, reason in rejected:
             out.findings.append(
                 Finding(bad.tenant_id, bad.event_id, "auth_failure", reason,
                         _time_of(bad, record))
             )
-            out.ack.append(bad.record)
-        if not verified:
-            if not rejected and received.auth is not None and received.auth.sig is None:
-                return out  # waits for its checkpoint, not acknowledged yet
+            done.add(bad.record.offset)
+        if not verified and not rejected and self.verifier.pending(chain) and (
+            received.auth is not None and received.auth.sig is None
+        ):
+            out.stash = (stash_key(key, record.offset), record.value or b"")
+            rec["pending"] = [*rec["pending"], record.offset]
+            out.chain = (key, rec)
             return out
-        key = chain_key(*chain)
-        stored = out.chains.get(key) or self.chains.get(key)
-        head = stored["head"] if stored else None
-        last_offset = stored["offset"] if stored else -1
+        head, last_offset = rec["head"], rec["offset"]
         first = True
         for item in verified:
-            out.ack.append(item.record)
+            done.add(item.record.offset)
             digest = event_digest(item).hex()
             if item.record.offset <= last_offset or digest == head:
-                continue  # already applied before a restart, or a producer's retry
+                continue  # already applied, or a producer's retry
             prev = item.auth.prev if item.auth is not None else None
             if first and prev is not None and prev != head:
                 out.findings.append(
@@ -133,7 +170,10 @@ class Ingest:
             event = _to_event(item, out)
             if event is not None:
                 out.events.append(event)
-        out.chains[key] = {"head": head, "offset": last_offset}
+        out.unstash = [stash_key(key, o) for o in rec["pending"] if o in done]
+        rec.update(head=head, offset=last_offset,
+                   pending=[o for o in rec["pending"] if o not in done])
+        out.chain = (key, rec)
         return out
 
 
