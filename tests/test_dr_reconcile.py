@@ -308,5 +308,15 @@ def test_a_pass_refuses_frozen_tampered_untrusted_and_stale_snapshots(
         assert parse_ts(report["at"]) == T0
         # The report survives a restart (written with the pass's transaction).
         assert Reconciler(engine, None, TrustStore(trust_dir), None).last == report
+        # A snapshot that would purge too many: refused, unless an operator overrides the
+        # share for one pass.
+        engine.apply_lifecycle([reg.accepted(TenantCreated(regions=[R1], home_region=R1), t)
+                                for t in ("c", "d", "e")], {0: (5, 5)})
+        fake_registry.body = _snapshot(registry_key, 6, [("a", [R1], R1)])
+        report = run()
+        assert report["outcome"] == "refused" and report["refused"]["tenants"]["count"] == 3
+        assert engine.state.tenants["c"].status == st.ACTIVE
+        report = asyncio.run(reconciler.run_once("operator", max_purge_share=0.9))
+        assert report["repaired"]["purges_scheduled"]["tenants"] == ["c", "d", "e"]
     finally:
         close_engine(engine)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 
 from openkcm.options import add_common, duration, require
 
@@ -41,8 +43,36 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=run, parser=p)
 
 
+class QuietRepeats(logging.Filter):
+    """Lets the first record of each (logger, message template) of the Kafka client through,
+    then at most one per `window` seconds with the count it stood for: while a link is cut for
+    days, aiokafka retries every 100 ms and would log ~100 lines a second."""
+
+    def __init__(self, prefix: str = "aiokafka", window: float = 60.0) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.window = window
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last, suppressed = self._seen.get(key, (-1e18, 0))
+        if now - last < self.window:
+            self._seen[key] = (last, suppressed + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if suppressed:
+            record.msg = f"{record.msg} [{suppressed} like it in the last {self.window:.0f} s]"
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     require(args.parser, args, "region", "data-dir", "bootstrap-servers", "trust-dir", "l1")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietRepeats())
     from core_service.service import ServiceConfig
     from core_service.service import run as run_core
 
