@@ -120,6 +120,7 @@ class Engine:
         self.listeners: list[Any] = []  # called after each commit (the relay's wake-up)
         self.broker_resets = 0  # the relay counts brokers that came back empty
         self.hydration_requested = False  # set with a pending hydration marker (hydration.py)
+        self.rebuilding = False  # lifecycle without side effects (rebuild.py)
         self.counters: dict[str, int] = {
             "deks_generated": 0, "deks_unwrapped": 0, "dek_refusals": 0, "rotations": 0,
             "lifecycle_applied": 0, "purges": 0, "initialized": 0,
@@ -418,6 +419,8 @@ class Engine:
             self._lifecycle(txn, event, raw)
             txn.meta.pseq[f"{partition}/{event['producer']}"] = int(event["seq"])
             self.counters["lifecycle_applied"] += 1
+            if self.rebuilding:
+                continue  # facts only: a rebuild takes the keys from the key log (rebuild.py)
             tid = event.get("tenant_id")
             if tid is None:
                 if event["type"] == "RegionFailover":

@@ -7,7 +7,7 @@ Differences reported:
 - `chain`: an own event fails authentication (hash chain or checkpoint signature);
 - `state`: the stored projection of a tenant differs from the fold of the log (field by field);
 - `unpublished`: an own event the relay recorded as published is missing from the topic;
-- `foreign`: an event on the topic under this region's name that the local log does not have.
+- `foreign`: an event on the topic signed with this data dir's key that its log does not have.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from core_service.state import TenantState, replay
 from events import topics
 from events.fastpath import read_raw
 from events.kafka import KafkaSettings, partition_for
-from events.signing import ChainVerifier, TrustStore
+from events.signing import ChainVerifier, TrustStore, load_or_create_signing_key
 
 Progress = Callable[[int, int], None]
 
@@ -46,13 +46,17 @@ class VerifyReport:
     events_per_second: float = 0.0
     topic_events_checked: int | None = None
     differences: list[Difference] = field(default_factory=list)
+    imported_event_ids: set[str] = field(default_factory=set, repr=False)
+    """Timeline events of earlier incarnations or other regions this log imported."""
 
     @property
     def clean(self) -> bool:
         return not self.differences
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "clean": self.clean}
+        out = {**asdict(self), "clean": self.clean}
+        out["imported_events"] = len(out.pop("imported_event_ids"))
+        return out
 
 
 def region_of(data_dir: Path) -> str:
@@ -81,6 +85,7 @@ def verify_local(
     try:
         events: list[dict[str, Any]] = []
         own: list[dict[str, Any]] = []
+        imported: set[str] = set()
         verifier = ChainVerifier(trust) if trust is not None else None
         expected = 1
         parts = log_partitions(log)
@@ -92,6 +97,8 @@ def verify_local(
             expected += 1
             event = event_of(entry)
             events.append(event)
+            if event.get("type") == "TimelineImported":  # another incarnation's event
+                imported.add(str(event["payload"]["event"]["event_id"]))
             if entry[:1] == OWN:
                 own.append({**event, "_pos": pos})
                 if verifier is not None:
@@ -132,6 +139,7 @@ def verify_local(
                 report.differences.append(
                     Difference("state", _tenant_diff(stored[tid], folded[tid]), tid))
         relay_pos = log.relay.pos
+        report.imported_event_ids = imported
     finally:
         log.close()
     elapsed = time.perf_counter() - started
@@ -168,7 +176,7 @@ async def verify_against_topics(
             if event.get("producer") == report.region:
                 on_topic[str(event["event_id"])] = event
     report.topic_events_checked = stats.events
-    local_ids = {str(e["event_id"]) for e in own}
+    local_ids = {str(e["event_id"]) for e in own} | report.imported_event_ids
     for event in own:
         if event["type"] in _TIMELINE_TYPES and event["_pos"] <= relay_pos:
             if str(event["event_id"]) not in on_topic:
@@ -176,8 +184,11 @@ async def verify_against_topics(
                     "unpublished", f"{event['type']} {event['event_id']} (log position "
                                    f"{event['_pos']}) is not on {topics.CORE_KEYS}",
                     event.get("tenant_id")))
+    # Only events signed with this data dir's own key must be in its log: an earlier
+    # incarnation of the region (a lost disk, rebuilt) signed with a key that is gone.
+    own_key = load_or_create_signing_key(Path(report.data_dir), report.region).key_id
     for eid, event in on_topic.items():
-        if eid not in local_ids:
+        if eid not in local_ids and (event.get("auth") or {}).get("key_id") == own_key:
             report.differences.append(Difference(
                 "foreign", f"{event['type']} {eid} on {topics.CORE_KEYS} is not in the local log",
                 event.get("tenant_id")))

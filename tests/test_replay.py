@@ -56,6 +56,13 @@ def test_replay_verify_live_then_tampered(tmp_path: Path) -> None:
         assert code == 0 and report["clean"] and report["region"] == R1
         assert report["tenants"] >= 8 and report["own_events"] >= 8 + 4 * 4
         assert report["topic_events_checked"] >= report["own_events"]
+        # An event signed with this Core's key that its log never had: named as foreign.
+        forged = _publish_forged_rotation(stack.bootstrap or "", data_dir, "t7")
+        code, report = _verify(data_dir, "--bootstrap-servers", stack.bootstrap or "",
+                               "--trust-dir", str(stack.trust_dir))
+        assert code == 1
+        assert [(d["kind"], d["tenant_id"]) for d in report["differences"]] == [
+            ("foreign", "t7")] and forged in report["differences"][0]["detail"]
         core.stop()
 
     # Tamper with the stored state of one tenant: the fold of the log disagrees.
@@ -83,7 +90,99 @@ def test_replay_verify_live_then_tampered(tmp_path: Path) -> None:
     assert code == 1 and "chain" in kinds
 
 
+def _publish_forged_rotation(bootstrap: str, data_dir: Path, tenant: str) -> str:
+    import asyncio
+
+    from events import topics
+    from events.envelope import encode, new_envelope
+    from events.kafka import KafkaSettings, make_producer
+    from events.models import KeyRotated
+    from events.signing import load_or_create_signing_key, sign_event
+    from tests.factories import key_version
+
+    key = load_or_create_signing_key(data_dir, R1)
+    env = sign_event(new_envelope(KeyRotated(region=R1, epoch=1, key=key_version("L3", 99),
+                                             trigger="on-demand"),
+                                  producer=R1, seq=10_000, tenant_id=tenant), key)
+
+    async def send() -> None:
+        producer = make_producer(KafkaSettings(bootstrap))
+        await producer.start()
+        try:
+            await producer.send_and_wait(topics.CORE_KEYS, encode(env), key=tenant.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+    return str(env.event_id)
+
+
 def test_replay_usage_errors(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "openkcm.cli", "replay", "--verify",
                           "--data-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "no Core event log" in out.stderr
+
+
+def test_rebuild_from_the_topics_serves_the_same_deks(tmp_path: Path) -> None:
+    """A region loses its disk; `replay --region` rebuilds it from the topics into an empty
+    dir, and the restarted Core serves every DEK it had wrapped, keeps a pending purge, and
+    passes its own verification."""
+    import shutil
+
+    with Stack(tmp_path) as stack:
+        stack.start_broker()
+        registry = stack.registry([R1, R2]).start()
+        l1 = f"local:{tmp_path / 'kr.json'}"
+        core = stack.core(R1, registry_url=registry.url or "", l1=l1,
+                          extra=["--tick", "0.2"]).start()
+        tenants = [f"r{i}" for i in range(6)]
+        with RegistryClient(registry.url or "") as client:
+            for tid in tenants:
+                client.create(tid, [R1, R2], R1)
+        url = core.url or ""
+        assert wait_for(lambda: all(
+            httpx.post(f"{url}/v1/tenants/{t}/deks", timeout=5).status_code == 200
+            for t in tenants), 30)
+        deks: list[tuple[str, str, str]] = []
+        for tid in tenants:
+            for layer in ("L3", "L2", "L3"):
+                r = httpx.post(f"{url}/v1/tenants/{tid}/deks", timeout=5).json()
+                deks.append((tid, r["wrapped"], r["plaintext"]))
+                assert httpx.post(f"{url}/v1/tenants/{tid}/rotate", json={"layer": layer},
+                                  timeout=5).status_code == 200
+        with RegistryClient(registry.url or "") as client:
+            client.delete("r5")
+        assert wait_for(lambda: httpx.post(f"{url}/v1/tenants/r5/deks/unwrap", json={
+            "wrapped": deks[-1][1]}, timeout=5).status_code == 409, 20)
+        data_dir = tmp_path / f"core-{R1}"
+        args = ["--bootstrap-servers", stack.bootstrap or "", "--trust-dir", str(stack.trust_dir)]
+        assert wait_for(lambda: _verify(data_dir, *args)[0] == 0, 20, 1.0)  # all published
+        core.kill()
+        shutil.rmtree(data_dir)  # the disk is gone
+
+        out = subprocess.run(
+            [sys.executable, "-m", "openkcm.cli", "replay", "--region", R1, "--data-dir",
+             str(data_dir), "--l1", l1, "--format", "json", *args],
+            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        report = json.loads(out.stdout)
+        assert report["tenants_rebuilt"] == 6 and report["refused"] == []
+        assert report["purges_kept"] == 1
+
+        core.start()  # the same command line, on the rebuilt data dir
+        url = core.url or ""
+        for tid, wrapped, plaintext in deks:
+            r = httpx.post(f"{url}/v1/tenants/{tid}/deks/unwrap", json={"wrapped": wrapped},
+                           timeout=5)
+            if tid == "r5":
+                assert r.status_code == 409 and r.json()["error"]["code"] == "pending_purge"
+            else:
+                assert r.status_code == 200, r.text
+                assert r.json()["plaintext"] == plaintext
+        view = httpx.get(f"{url}/v1/tenants/r0/keys", timeout=5).json()
+        assert view["epoch"] == 2 and len(view["versions"]["L3"]) == 4
+        rotated = httpx.post(f"{url}/v1/tenants/r0/rotate", timeout=5).json()
+        assert rotated["current"]["L3"] == "e2v5"  # the count continues, in the new epoch
+        core.stop()
+        code, verify = _verify(data_dir, *args)
+        assert code == 0, verify["differences"]
