@@ -99,7 +99,7 @@ def test_registry_killed_and_store_corrupted_cores_carry_on_nothing_purged(
         made: list[tuple[str, str]] = []
         latencies: list[float] = []
         with httpx.Client(timeout=5) as http:
-            while time.monotonic() - lost_at < 4 * PERIOD:
+            while time.monotonic() - lost_at < 5 * PERIOD:
                 l4_round(http, url[R1], "a1", made, latencies)
                 time.sleep(0.25)
         FIGURES["l4_http_registry_frozen"] = ms(latencies)
