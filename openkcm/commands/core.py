@@ -12,12 +12,24 @@ import time
 from openkcm.options import add_common, duration, require
 
 
+def share(text: str) -> float:
+    """A fraction between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share between 0 and 1, got {text}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("core", help="run a Regional Core")
     env = os.environ.get
     p.add_argument("--region", default=env("OPENKCM_REGION"), help="this Core's region")
     p.add_argument("--registry-url", default=env("OPENKCM_REGISTRY_URL"),
-                   help="the Registry's base URL (probed for status only)")
+                   help="the Registry's base URL (health probe; signed snapshot for "
+                        "reconciliation and hydration)")
     p.add_argument("--l1", default=env("OPENKCM_L1"),
                    help="L1 provider URI: local:PATH, pkcs11:...")
     p.add_argument("--vault", default=env("OPENKCM_VAULT"),
@@ -31,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    default=duration(env("OPENKCM_RECONCILE_INTERVAL", "10m")),
                    help="how often to reconcile the tenant set against a Registry snapshot "
                         "(also at startup and when a link comes back); 0 = only then")
-    p.add_argument("--reconcile-max-purge-share", type=float,
-                   default=float(env("OPENKCM_RECONCILE_MAX_PURGE_SHARE", "0.1")),
+    p.add_argument("--reconcile-max-purge-share", type=share,
+                   default=share(env("OPENKCM_RECONCILE_MAX_PURGE_SHARE", "0.1")),
                    help="refuse a reconciliation pass that would schedule the purge of more "
                         "than this share of the served tenants (at least one is allowed)")
     # Drills and tests: a faster clock and a shorter scheduler tick.
