@@ -341,7 +341,9 @@ def test_sigkill_during_1000_rotations_loses_nothing(
 
 def test_simulated_year_without_registry(tmp_path: Path, fresh_broker: EmbeddedBroker,
                                          trust_dir: Path, reg: Lifecycle) -> None:
-    speed, tick = 4_000_000, 0.025  # one tick ~ 1.16 simulated days
+    # One real second is ~23 simulated days: fast, yet a stall of ~170 ms on a loaded 2-core
+    # machine is still under the 4-day sanity bound below.
+    speed, tick = 2_000_000, 0.025  # one tick ~ 0.58 simulated days
     core = core_service(tmp_path, R1, fresh_broker.bootstrap, trust_dir,
                         registry_url="http://127.0.0.1:9",  # the Registry is down
                         extra=["--clock-speed", str(speed), "--tick", str(tick)]).start()
@@ -353,21 +355,17 @@ def test_simulated_year_without_registry(tmp_path: Path, fresh_broker: EmbeddedB
     from core_service.clock import parse_ts
 
     end = parse_ts(born) + 367 * DAY
-    wait_until(lambda: parse_ts(status(url)["clock"]) > end, timeout=30, what="a year")
+    wait_until(lambda: parse_ts(status(url)["clock"]) > end, timeout=60, what="a year")
     st = status(url)
     assert st["registry"]["reachable"] is False
     max_gap = st["scheduler"]["max_gap_s"]
     assert max_gap < 4 * DAY
     for t in tenants:
         tl = keys(url, t)
-        start = tl["versions"]["L2"][0]["created_at"]
-        year = parse_ts(start) + 366 * DAY
-
-        def within(kv: dict[str, Any], year: float = year) -> bool:
-            return parse_ts(kv["created_at"]) <= year
-
-        l3 = [k for k in tl["versions"]["L3"] if within(k)]
-        l2 = [k for k in tl["versions"]["L2"] if within(k)]
+        # The clock runs on while we read: judge the first year's rotations by their order and
+        # lateness, not by a cut-off that a busy machine can push a due rotation across.
+        l3 = tl["versions"]["L3"][:6]
+        l2 = tl["versions"]["L2"][:2]
         assert [k["trigger"] for k in l3] == ["initial"] + ["scheduled"] * 4 + ["l2-rotation"]
         assert [k["trigger"] for k in l2] == ["initial", "scheduled"]
         for layer, period, seq in (("L3", 90 * DAY, l3), ("L2", 365 * DAY, l2)):
