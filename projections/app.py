@@ -29,7 +29,7 @@ from events.kafka import KafkaSettings, ensure_topics, make_consumer, partitions
 from events.signing import TrustStore
 from events.topics import CORE_KEYS, LIFECYCLE
 from projections import rules, views
-from projections.ingest import Ingest, Record
+from projections.ingest import Ingest, Record, collect
 from projections.rules import Event, Finding, Policy
 
 log = logging.getLogger("openkcm.audit")
@@ -87,6 +87,8 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
         broker_commit_interval=1.0,
         processing_guarantee="at_least_once",
         producer_acks=-1,
+        producer_linger=0.005,  # batch the changelog writes (one send per table write)
+        producer_max_batch_size=1 << 20,
         web_enabled=True,
         web_bind=cfg.host,
         web_host=cfg.host,
@@ -115,12 +117,13 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
         def get_json(self, key: str) -> dict[str, Any] | None:
             return views.loads(table.get(key.encode()))
 
-        def get_raw(self, key: str) -> bytes | None:
-            value = table.get(key.encode())
-            return None if value is None else bytes(value)
+        def stashed(self) -> list[tuple[str, bytes]]:
+            return [(k.decode(), bytes(v)) for k, v in table.items()
+                    if k.startswith(views.STASH) and v is not None]
 
     ingest = Ingest(trust, TableStore())
-    activity = {"last": 0.0}
+    activity = {"last": 0.0, "stashed": 0.0}
+    gc_mark: dict[int, int] = {}
 
     def save_findings(found: list[Finding]) -> None:
         for f in found:
@@ -129,13 +132,13 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                 table[key] = views.dumps(f.to_dict())
                 stats.findings.labels(f.kind).inc()
 
-    def fold(ev: Event, partition: int, now: float) -> None:
+    def fold(ev: Event, partition: int, now: float, states: dict[bytes, Any]) -> None:
         key = views.tenant_key(ev.tenant_id or "")
-        state = views.loads(table.get(key))
+        state = states[key] if key in states else views.loads(table.get(key))
         new, found = rules.audit(state, ev, now, policy)
         new["partition"] = partition
         save_findings(found)
-        table[key] = views.dumps(new)
+        states[key] = new
         stats.events.inc()
 
     @app.agent(source)
@@ -148,10 +151,12 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             outcome = ingest.feed(record)
             now = cfg.clock()
             # Order matters for a kill at any instant: the stash, findings and tenant states
-            # first, then the chain record (which makes them "done"), then the clean-up.
+            # first, then the chain record (which makes them "done"); dead stash at ticks.
             if outcome.stash is not None:
                 table[outcome.stash[0].encode()] = outcome.stash[1]
+                activity["stashed"] += 1
             save_findings(outcome.findings)
+            states: dict[bytes, Any] = {}  # one write per tenant per verified run
             for ev in outcome.events:
                 if ev.tenant_id is None:  # RegionFailover: to every partition's tenants
                     payload = views.dumps({"kind": "failover", "event": ev.__dict__})
@@ -159,11 +164,11 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                         await control.send(key=b"failover", value=payload, partition=p)
                     stats.events.inc()
                 else:
-                    fold(ev, msg.partition, now)
+                    fold(ev, msg.partition, now, states)
+            for key, state in states.items():
+                table[key] = views.dumps(state)
             if outcome.chain is not None:
                 table[outcome.chain[0].encode()] = views.dumps(outcome.chain[1])
-            for key in outcome.unstash:
-                table.pop(key.encode(), None)
 
     @app.agent(control)
     async def audit_control(stream: Any) -> None:
@@ -184,6 +189,15 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     if new != state:
                         table[key] = views.dumps(new)
             elif body.get("kind") == "tick":
+                stashed = []
+                if activity["stashed"] > gc_mark.get(msg.partition, 0):
+                    gc_mark[msg.partition] = int(activity["stashed"])
+                    stashed = ingest.store.stashed()
+                if stashed:
+                    chains = {k.decode(): views.loads(v)["offset"] for k, v in table.items()
+                              if k.startswith(views.CHAIN) and v is not None}
+                    for key in collect(stashed, chains, msg.partition):
+                        table.pop(key.encode(), None)
                 for key, value in list(table.items()):
                     if not key.startswith(views.TENANT):
                         continue

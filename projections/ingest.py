@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
+from pydantic import ValidationError
 
 from events.envelope import DecodeError, Envelope, decode
 from events.fastpath import RawEvent, read_raw
@@ -73,8 +74,6 @@ class Outcome:
     """An unsigned event to keep until its checkpoint (key, wire bytes): write it first."""
     chain: tuple[str, dict[str, Any]] | None = None
     """The chain record to write after the events are applied."""
-    unstash: list[str] = field(default_factory=list)
-    """Kept events to delete, after the chain record is written."""
 
 
 def chain_key(topic: str, partition: int, producer: str) -> str:
@@ -88,40 +87,57 @@ def stash_key(chain: str, offset: int) -> str:
 class Store(Protocol):
     def get_json(self, key: str) -> dict[str, Any] | None: ...
 
-    def get_raw(self, key: str) -> bytes | None: ...
+    def stashed(self) -> list[tuple[str, bytes]]:
+        """Every stashed event (`p:` keys) of the table, read once at start."""
+        ...
+
+
+def _parse_stash_key(key: str) -> tuple[str, int]:
+    chain, _sep, offset = key[2:].rpartition(":")
+    return "c:" + chain, int(offset)
 
 
 @dataclass
 class Ingest:
     """Chain records (`c:` keys) are {"head": hex digest of the last verified event,
-    "offset": its offset, "fed": the last offset fed to the verifier, "pending": offsets of
-    unsigned events waiting for a checkpoint}; each waiting event is stashed under a `p:` key
-    so a restarted process rebuilds its verifier from the table, not by re-reading the topic."""
+    "offset": its offset}. Each unsigned event waiting for its checkpoint is stashed under a
+    `p:` key (one table write), so a restarted process rebuilds its verifier from the table
+    instead of depending on where the consumer's committed offset happens to be. Stashed
+    events at or below their chain's offset are dead and removed by `collect`."""
 
     trust: TrustStore
     store: Store
     verifier: ChainVerifier = field(init=False)
-    _loaded: set[str] = field(default_factory=set)
+    _fed: dict[str, int] = field(default_factory=dict)
+    _restored: bool = False
 
     def __post_init__(self) -> None:
         self.verifier = ChainVerifier(self.trust)
 
-    def _chain_record(self, key: str, chain: tuple[str, int, str]) -> dict[str, Any]:
-        rec = self.store.get_json(key) or {"head": None, "offset": -1, "fed": -1, "pending": []}
-        if key not in self._loaded:
-            self._loaded.add(key)
-            kept = []
-            for offset in rec["pending"]:
-                raw = self.store.get_raw(stash_key(key, offset))
-                if raw is None:
+    def _restore(self) -> None:
+        """Feed the stash back into the verifier: the state it had when the process died."""
+        self._restored = True
+        by_chain: dict[str, list[tuple[int, bytes]]] = {}
+        for key, raw in self.store.stashed():
+            chain, offset = _parse_stash_key(key)
+            by_chain.setdefault(chain, []).append((offset, raw))
+        for chain, entries in by_chain.items():
+            rec = self.store.get_json(chain) or {"offset": -1}
+            topic, partition, producer = _chain_parts(chain)
+            for offset, raw in sorted(entries):
+                if offset <= rec["offset"]:
                     continue
-                ev = _read(raw)
-                self.verifier.feed(chain, Received(Record(chain[0], chain[1], offset, raw, 0), ev))
-                kept.append(offset)
-            rec["pending"] = kept
-        return rec
+                try:
+                    ev = _read(raw)
+                except DecodeError:
+                    continue
+                record = Record(topic, partition, offset, raw, 0.0)
+                self.verifier.feed((topic, partition, producer), Received(record, ev))
+                self._fed[chain] = max(self._fed.get(chain, -1), offset)
 
     def feed(self, record: Record) -> Outcome:
+        if not self._restored:
+            self._restore()
         out = Outcome()
         try:
             ev: RawEvent | Envelope = _read(record.value)
@@ -131,29 +147,28 @@ class Ingest:
         received = Received(record, ev)
         chain = (record.topic, record.partition, received.producer)
         key = chain_key(*chain)
-        rec = self._chain_record(key, chain)
-        if record.offset <= rec["fed"]:
+        rec = None
+        if key not in self._fed:
+            rec = self.store.get_json(key)
+            self._fed[key] = rec["offset"] if rec else -1
+        if record.offset <= self._fed[key]:
             return out  # fed before a restart: its outcome is in the table already
-        rec = {**rec, "fed": record.offset}
+        self._fed[key] = record.offset
         verified, rejected = self.verifier.feed(chain, received)
-        done: set[int] = set()
+        if not verified and not rejected:
+            out.stash = (stash_key(key, record.offset), record.value or b"")
+            return out
         for bad, reason in rejected:
             out.findings.append(
                 Finding(bad.tenant_id, bad.event_id, "auth_failure", reason,
                         _time_of(bad, record))
             )
-            done.add(bad.record.offset)
-        if not verified and not rejected and self.verifier.pending(chain) and (
-            received.auth is not None and received.auth.sig is None
-        ):
-            out.stash = (stash_key(key, record.offset), record.value or b"")
-            rec["pending"] = [*rec["pending"], record.offset]
-            out.chain = (key, rec)
-            return out
-        head, last_offset = rec["head"], rec["offset"]
+        if rec is None:
+            rec = self.store.get_json(key)
+        head = rec["head"] if rec else None
+        last_offset = rec["offset"] if rec else -1
         first = True
         for item in verified:
-            done.add(item.record.offset)
             digest = event_digest(item).hex()
             if item.record.offset <= last_offset or digest == head:
                 continue  # already applied, or a producer's retry
@@ -170,11 +185,24 @@ class Ingest:
             event = _to_event(item, out)
             if event is not None:
                 out.events.append(event)
-        out.unstash = [stash_key(key, o) for o in rec["pending"] if o in done]
-        rec.update(head=head, offset=last_offset,
-                   pending=[o for o in rec["pending"] if o not in done])
-        out.chain = (key, rec)
+        if verified:
+            out.chain = (key, {"head": head, "offset": last_offset})
         return out
+
+
+def collect(stashed: list[tuple[str, bytes]], chains: dict[str, int], partition: int) -> list[str]:
+    """Stash keys of one partition that a verified checkpoint has made dead."""
+    dead = []
+    for key, _raw in stashed:
+        chain, offset = _parse_stash_key(key)
+        if _chain_parts(chain)[1] == partition and offset <= chains.get(chain, -1):
+            dead.append(key)
+    return dead
+
+
+def _chain_parts(chain: str) -> tuple[str, int, str]:
+    _c, topic, partition, producer = chain.split(":", 3)
+    return topic, int(partition), producer
 
 
 def _read(value: bytes | None) -> RawEvent | Envelope:
@@ -187,7 +215,7 @@ def _read(value: bytes | None) -> RawEvent | Envelope:
 def _to_event(item: Received, out: Outcome) -> Event | None:
     record = item.record
     try:
-        env = item.event.envelope() if isinstance(item.event, RawEvent) else item.event
+        env = _validated(item.event)
     except DecodeError as exc:
         out.findings.append(
             Finding(item.tenant_id, item.event_id, "invalid_event", str(exc),
@@ -211,6 +239,17 @@ def _to_event(item: Received, out: Outcome) -> Event | None:
         source=f"{record.topic}/{record.partition}",
         offset=record.offset,
     )
+
+
+def _validated(ev: RawEvent | Envelope) -> Envelope:
+    """Strict validation of an authenticated event (the fast path parsed it already, in the
+    current schema version, so the model is validated from that parse)."""
+    if isinstance(ev, Envelope):
+        return ev
+    try:
+        return Envelope.model_validate(ev.data)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid event: {exc.errors()[0]['msg']}") from None
 
 
 def _time_of(item: Received, record: Record) -> str:

@@ -15,10 +15,11 @@ purge_without_delete, rotated_after_delete.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 KINDS = (
     "auth_failure",
@@ -103,6 +104,11 @@ def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def _copy(state: State) -> State:
+    """A deep copy (the fold never mutates its input); JSON round trip, ~10x deepcopy."""
+    return orjson.loads(orjson.dumps(state))  # type: ignore[no-any-return]
+
+
 def new_state(tenant_id: str) -> State:
     return {
         "tenant_id": tenant_id,
@@ -142,7 +148,7 @@ def audit(
 ) -> tuple[State, list[Finding]]:
     """Apply one verified event to its tenant's state. Returns (new state, findings)."""
     tenant = event.tenant_id or ""
-    st = copy.deepcopy(state) if state is not None else new_state(tenant)
+    st = _copy(state) if state is not None else new_state(tenant)
     if event.source and st["applied"].get(event.source, -1) >= event.offset >= 0:
         return st, []  # redelivered after a restart: already applied
     if event.event_id in st["recent_ids"]:
@@ -161,7 +167,7 @@ def apply_failover(
     state: State, event: Event, now: float, policy: Policy
 ) -> tuple[State, list[Finding]]:
     """Apply a RegionFailover (a region-scoped event) to one tenant's state."""
-    st = copy.deepcopy(state)
+    st = _copy(state)
     out: list[Finding] = []
     if event.event_id in st["failovers"]:
         return st, out
@@ -182,7 +188,7 @@ def apply_failover(
 
 def tick(state: State, now: float, policy: Policy) -> tuple[State, list[Finding]]:
     """Periodic evaluation: overdue rotations and checks whose waiting time is over."""
-    st = copy.deepcopy(state)
+    st = _copy(state)
     out: list[Finding] = []
     settle = policy.settle.total_seconds()
     tid = st["tenant_id"]

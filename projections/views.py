@@ -1,7 +1,8 @@
 """Read side of the audit table: key layout, the HTTP/report models, summary and cadence.
 
 Table keys: `t:<tenant>` tenant state, `f:<kind>:<event_id>[:<layer>]` one finding,
-`c:<topic>:<partition>:<producer>` a chain head. Values are JSON (orjson). The same functions
+`c:<topic>:<partition>:<producer>` a chain head, `p:<topic>:<partition>:<producer>:<offset>` an
+unsigned event waiting for its checkpoint. Values are JSON (orjson). The same functions
 serve the live HTTP routes (over the faust table) and the offline report (over the RocksDB
 files of a stopped or running app, opened read-only).
 """
@@ -23,6 +24,7 @@ from projections.rules import KINDS, Policy, State, iso, next_due, parse_time
 TENANT = b"t:"
 FINDING = b"f:"
 CHAIN = b"c:"
+STASH = b"p:"
 
 
 def tenant_key(tenant_id: str) -> bytes:

@@ -172,9 +172,13 @@ def start_audit(bootstrap: str, data_dir: Path, trust_dir: Path, app_id: str,
     )
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
-    assert url.startswith("http://"), f"audit did not announce its URL: {url!r}"
     audit = AuditProcess(proc, url, data_dir)
-    wait_for(lambda: httpx.get(url + "/healthz", timeout=5).status_code == 200, 60, "ready")
+    try:
+        assert url.startswith("http://"), f"audit did not announce its URL: {url!r}"
+        wait_for(lambda: httpx.get(url + "/healthz", timeout=5).status_code == 200, 60, "ready")
+    except BaseException:
+        audit.kill()
+        raise
     return audit
 
 
