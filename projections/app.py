@@ -121,6 +121,10 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             return [(k.decode(), bytes(v)) for k, v in table.items()
                     if k.startswith(views.STASH) and v is not None]
 
+        def chain_offsets(self) -> dict[str, int]:
+            return {k.decode(): views.loads(v)["offset"] for k, v in table.items()
+                    if k.startswith(views.CHAIN) and v is not None}
+
     ingest = Ingest(trust, TableStore())
     activity = {"last": 0.0, "stashed": 0.0}
     gc_mark: dict[int, int] = {}
@@ -194,8 +198,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     gc_mark[msg.partition] = int(activity["stashed"])
                     stashed = ingest.store.stashed()
                 if stashed:
-                    chains = {k.decode(): views.loads(v)["offset"] for k, v in table.items()
-                              if k.startswith(views.CHAIN) and v is not None}
+                    chains = ingest.store.chain_offsets()
                     for key in collect(stashed, chains, msg.partition):
                         table.pop(key.encode(), None)
                 for key, value in list(table.items()):

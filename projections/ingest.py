@@ -91,6 +91,10 @@ class Store(Protocol):
         """Every stashed event (`p:` keys) of the table, read once at start."""
         ...
 
+    def chain_offsets(self) -> dict[str, int]:
+        """The offset of every chain record, whatever partition holds it."""
+        ...
+
 
 def _parse_stash_key(key: str) -> tuple[str, int]:
     chain, _sep, offset = key[2:].rpartition(":")
@@ -121,11 +125,11 @@ class Ingest:
         for key, raw in self.store.stashed():
             chain, offset = _parse_stash_key(key)
             by_chain.setdefault(chain, []).append((offset, raw))
+        offsets = self.store.chain_offsets() if by_chain else {}
         for chain, entries in by_chain.items():
-            rec = self.store.get_json(chain) or {"offset": -1}
             topic, partition, producer = _chain_parts(chain)
             for offset, raw in sorted(entries):
-                if offset <= rec["offset"]:
+                if offset <= offsets.get(chain, -1):
                     continue
                 try:
                     ev = _read(raw)
