@@ -18,6 +18,7 @@ import orjson
 from events.envelope import MAX_EVENT_BYTES, DecodeError, Envelope, decode
 from events.models import PAYLOADS, SCHEMA_VERSIONS
 
+_REQUIRED = frozenset({"event_id", "producer", "seq", "payload"})
 _NULL_AUTH = b'{"auth":null,'
 _AUTH_OBJ = b'{"auth":{'
 
@@ -92,9 +93,8 @@ def read_raw(raw: bytes | None) -> RawEvent:
         raise DecodeError(f"unknown event type {type_!r}")
     if data.get("schema_version") != SCHEMA_VERSIONS[type_]:
         raise DecodeError("not the current schema version (use events.envelope.decode)")
-    for name in ("event_id", "producer", "seq", "payload"):
-        if name not in data:
-            raise DecodeError(f"missing {name}")
+    if not _REQUIRED <= data.keys():
+        raise DecodeError(f"missing {sorted(_REQUIRED - data.keys())}")
     auth_data = data.get("auth")
     if auth_data is None:
         if not raw.startswith(_NULL_AUTH):

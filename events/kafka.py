@@ -104,6 +104,10 @@ def make_consumer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer
         "isolation_level": "read_uncommitted",
         "max_partition_fetch_bytes": 4 << 20,
         "fetch_max_bytes": 16 << 20,
+        # A waiting fetch holds its connection: the embedded broker answers the requests of a
+        # connection in order, so seeks and offset look-ups queued behind a 500 ms long poll
+        # (aiokafka's default) each took half a second. New records still arrive at once.
+        "fetch_max_wait_ms": 50,
     }
     options.update(overrides)
     return AIOKafkaConsumer(**options)
@@ -128,19 +132,21 @@ def make_group_consumer(
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str, timeout: float = 30.0) -> list[int]:
-    """Partition ids of a topic, waiting for its metadata to appear."""
+    """Partition ids of a topic, waiting for its metadata to appear. Asks the cluster directly
+    (a consumer's own metadata only follows the topics it is assigned, and switching a
+    consumer to another topic would otherwise wait seconds for its refresh)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    client = consumer._client  # noqa: SLF001 - the public API cannot add a topic to metadata
-    if topic not in client._topics:  # noqa: SLF001
-        await client.add_topic(topic)
+    client = consumer._client  # noqa: SLF001 - the public API cannot fetch a topic's metadata
     while True:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return sorted(parts)
+        parts = (await client.fetch_all_metadata()).partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
         if loop.time() > deadline:
             raise TimeoutError(f"topic {topic} has no partitions after {timeout}s")
-        await client.force_metadata_update()
         await asyncio.sleep(0.1)
 
 
@@ -168,14 +174,22 @@ async def read_to_end(
     consumer: AIOKafkaConsumer, tps: list[TopicPartition], batch_ms: int = 200
 ) -> Any:
     """Yield batches of records until every partition reached the end offset it had when the
-    read started. For hydration and replay."""
+    read started. For hydration and replay.
+
+    A partition is done only once its position reached that end AND a fetch returned nothing
+    more for it: a broker may report the end of a multi-record batch as the batch's base
+    offset + 1 (the embedded broker does), and records of that batch still buffered in the
+    consumer must not be left behind."""
     end = await consumer.end_offsets(tps)
-    remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
+    remaining = set(tps)
     while remaining:
-        batch = await consumer.getmany(*remaining, timeout_ms=batch_ms, max_records=10_000)
+        below = [tp for tp in remaining if await consumer.position(tp) < end[tp]]
+        batch = await consumer.getmany(
+            *remaining, timeout_ms=batch_ms if below else 20, max_records=10_000
+        )
         for tp, records in batch.items():
             if records:
                 yield tp, records
         for tp in list(remaining):
-            if await consumer.position(tp) >= end[tp]:
+            if not batch.get(tp) and await consumer.position(tp) >= end[tp]:
                 remaining.discard(tp)

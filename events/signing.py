@@ -14,6 +14,7 @@ events of its owner.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import time
@@ -43,6 +44,7 @@ def key_id_for(owner: str, public_key: Ed25519PublicKey) -> str:
     return f"{owner}.{hashlib.sha256(raw).hexdigest()[:16]}"
 
 
+@functools.lru_cache(maxsize=4096)
 def owner_of(key_id: str) -> str:
     return key_id.rsplit(".", 1)[0]
 
