@@ -129,11 +129,53 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
     activity = {"last": 0.0, "stashed": 0.0}
     gc_mark: dict[int, int] = {}
 
+    class ReadModel:
+        """What the HTTP routes read, kept in memory next to the table: every finding and
+        each tenant's status (small), loaded once from the table after recovery and then
+        updated with every write. Tenant states themselves are read from the table by key."""
+
+        def __init__(self) -> None:
+            self.loaded = False
+            self.findings: dict[bytes, dict[str, Any]] = {}
+            self.status: dict[str, str] = {}
+
+        def load(self) -> bool:
+            if not self.loaded and ready():
+                for k, v in table.items():
+                    if v is None:
+                        continue
+                    if k.startswith(views.FINDING):
+                        self.findings[k] = views.loads(v)
+                    elif k.startswith(views.TENANT):
+                        self.status[k[len(views.TENANT):].decode()] = views.loads(v)["status"]
+                self.loaded = True
+            return self.loaded
+
+        def finding(self, key: bytes, value: dict[str, Any]) -> None:
+            if self.loaded:
+                self.findings[key] = value
+
+        def tenant(self, key: bytes, state: dict[str, Any]) -> None:
+            if self.loaded:
+                self.status[key[len(views.TENANT):].decode()] = state["status"]
+
+        def sorted_findings(self) -> list[dict[str, Any]]:
+            return sorted(self.findings.values(), key=lambda f: (
+                f["time"], f["kind"], f["event_id"], f.get("layer") or ""))
+
+    model = ReadModel()
+
+    def put_tenant(key: bytes, state: dict[str, Any]) -> None:
+        table[key] = views.dumps(state)
+        model.tenant(key, state)
+
     def save_findings(found: list[Finding]) -> None:
         for f in found:
             key = views.finding_key(f.key)
             if table.get(key) is None:
-                table[key] = views.dumps(f.to_dict())
+                value = f.to_dict()
+                table[key] = views.dumps(value)
+                model.finding(key, value)
                 stats.findings.labels(f.kind).inc()
 
     def fold(ev: Event, partition: int, now: float, states: dict[bytes, Any]) -> None:
@@ -170,7 +212,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                 else:
                     fold(ev, msg.partition, now, states)
             for key, state in states.items():
-                table[key] = views.dumps(state)
+                put_tenant(key, state)
             if outcome.chain is not None:
                 table[outcome.chain[0].encode()] = views.dumps(outcome.chain[1])
 
@@ -191,7 +233,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     new, found = rules.apply_failover(state, ev, now, policy)
                     save_findings(found)
                     if new != state:
-                        table[key] = views.dumps(new)
+                        put_tenant(key, new)
             elif body.get("kind") == "tick":
                 stashed = []
                 if activity["stashed"] > gc_mark.get(msg.partition, 0):
@@ -210,7 +252,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     new, found = rules.tick(state, now, policy)
                     save_findings(found)
                     if new != state:
-                        table[key] = views.dumps(new)
+                        put_tenant(key, new)
 
     async def caught_up() -> bool:
         """Ticks judge "now" against the timelines: only when the backlog is read, or an
@@ -248,21 +290,24 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
         body = views.ErrorResponse(error=views.ErrorBody(code=code, message=message))
         return web.json(body.model_dump(), status=status)
 
+    def findings_now() -> list[dict[str, Any]]:
+        if model.load():
+            return model.sorted_findings()
+        return snapshot()[1]
+
     @app.page("/v1/audit/tenants/{tenant_id}")
     async def tenant_route(web: Any, request: Any, tenant_id: str) -> Any:
         raw = table.get(views.tenant_key(tenant_id))
         if raw is None:
             return error(web, 404, "not_found", f"no audit record for tenant {tenant_id}")
-        _tenants, findings = snapshot()
-        view = views.tenant_view(views.loads(raw), findings, policy)
+        view = views.tenant_view(views.loads(raw), findings_now(), policy)
         return web.json(view.model_dump(mode="json"))
 
     @app.page("/v1/audit/findings")
     async def findings_route(web: Any, request: Any) -> Any:
         since = request.query.get("since")
-        _tenants, findings = snapshot()
         try:
-            selected = views.findings_since(findings, since)
+            selected = views.findings_since(findings_now(), since)
         except ValueError:
             return error(web, 422, "invalid_since", f"since must be an ISO-8601 time: {since!r}")
         page = views.FindingsPage(
@@ -273,8 +318,13 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
 
     @app.page("/v1/audit/summary")
     async def summary_route(web: Any, request: Any) -> Any:
-        tenants, findings = snapshot()
-        return web.json(views.summary(tenants, findings, cfg.clock()).model_dump(mode="json"))
+        if model.load():
+            statuses = {t: {"tenant_id": t, "status": st} for t, st in model.status.items()}
+            body = views.summary(statuses, model.sorted_findings(), cfg.clock())
+        else:
+            tenants, findings = snapshot()
+            body = views.summary(tenants, findings, cfg.clock())
+        return web.json(body.model_dump(mode="json"))
 
     @app.page("/v1/audit/report")
     async def report_route(web: Any, request: Any) -> Any:
