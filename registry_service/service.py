@@ -68,10 +68,17 @@ class RegistryService:
         self.store: RegistryStore | None = None
         self.key: SigningKey | None = None
         self.relay: Relay | None = None
+        had_key = (config.data_dir / "signing-registry.pem").exists()
         try:
             self.store = RegistryStore(config.store_path, self.policy)
         except StoreError as exc:
             self._freeze(str(exc))
+        if self.store is not None and had_key and self.store.seq == 0:
+            # This Registry has signed events before, yet its store is empty: the store was
+            # lost or replaced. Starting over would re-issue sequence numbers that every Core
+            # rejects as replays; restore the store instead.
+            self._freeze("the store is empty but this Registry has signed events before "
+                         "(lost or replaced store): restore it from a backup")
         if self.store is not None:
             try:
                 self.key = load_or_create_signing_key(config.data_dir, "registry", config.trust_dir)

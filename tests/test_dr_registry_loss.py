@@ -121,21 +121,28 @@ def test_registry_killed_and_store_corrupted_cores_carry_on_nothing_purged(
         for p, w in made:
             assert unwrap(url[R1], "a1", w) == p
 
-        # Restarted on an empty store (its files deleted, its key kept): it answers, but its
-        # signed snapshot (seq 0, no tenants) is older than what the Cores applied: refused.
+        # Restarted on an empty store (its files deleted, its key kept): it has signed events
+        # before, so starting over would re-issue sequence numbers the Cores reject as
+        # replays. It freezes; the Cores refuse to reconcile against it and purge nothing.
         registry.kill()
         shutil.rmtree(tmp_path / "registry" / "store")
+        restarted = time.time()
         registry.start()
-        assert httpx.get(f"{registry.url}/healthz", timeout=5).json()["store_seq"] == 0
+        health = httpx.get(f"{registry.url}/healthz", timeout=5)
+        assert health.status_code == 503 and "restore it from a backup" in health.text
+        create = httpx.post(f"{registry.url}/v1/tenants", timeout=5, json={
+            "tenant_id": "late", "regions": [R1], "home_region": R1})
+        assert create.status_code == 503 and create.json()["error"]["code"] == "frozen"
 
-        def stale(u: str) -> dict[str, Any] | None:
+        def refused_after_restart(u: str) -> dict[str, Any] | None:
             last = status(u)["last_reconciliation"] or {}
             reason = (last.get("refused") or {}).get("reason") or ""
-            return last if last.get("snapshot_seq") == 0 and "older than" in reason else None
+            fresh = last.get("at") and parse_ts(last["at"]) > restarted
+            return last if fresh and "frozen" in reason else None
 
         for u in url.values():
-            report = wait_until(lambda u=u: stale(u), timeout=15, what="a stale snapshot refused")
-            assert report["applied_seq"] >= len(homes)
+            wait_until(lambda u=u: refused_after_restart(u), timeout=15,
+                       what="a pass refused against the frozen Registry")
             assert status(u)["tenants"].get("pending_purge", 0) == 0
 
         # Gone entirely: unreachable, the Cores carry on; a restarted Core serves at once.
