@@ -51,6 +51,8 @@ def cadence_svg(cadence: dict[str, Any], width: int = 760, height: int = 280) ->
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>'
         f'<text x="{left - 8}" y="{top + 4}" text-anchor="end" font-size="11">{peak}</text>'
         f'<text x="{left - 8}" y="{top + plot_h}" text-anchor="end" font-size="11">0</text>'
+        f'<text x="14" y="{top + plot_h / 2}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2})">rotations per month</text>'
     )
     label_every = max(1, len(months) // 8)
     for i, month in enumerate(months):

@@ -405,7 +405,9 @@ def test_sigkill_mid_stream_then_restart_equals_uninterrupted_run(
     run_b.kill()
     for batch in batches[half:]:
         asyncio.run(pub.send_raw(batch))
+    t0 = time.monotonic()
     run_b = start_audit(broker, tmp_path / "b", trust_dir, "audit-b")
+    print(f"\nrestart after SIGKILL: ready in {time.monotonic() - t0:.1f}s")
     # Run A: the whole stream in one uninterrupted run.
     run_a = start_audit(broker, tmp_path / "a", trust_dir, "audit-a")
     try:
