@@ -138,6 +138,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             self.loaded = False
             self.findings: dict[bytes, dict[str, Any]] = {}
             self.status: dict[str, str] = {}
+            self.partitions: dict[int, set[str]] = {}
 
         def load(self) -> bool:
             if not self.loaded and ready():
@@ -147,7 +148,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     if k.startswith(views.FINDING):
                         self.findings[k] = views.loads(v)
                     elif k.startswith(views.TENANT):
-                        self.status[k[len(views.TENANT):].decode()] = views.loads(v)["status"]
+                        self._tenant(k, views.loads(v))
                 self.loaded = True
             return self.loaded
 
@@ -157,7 +158,13 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
 
         def tenant(self, key: bytes, state: dict[str, Any]) -> None:
             if self.loaded:
-                self.status[key[len(views.TENANT):].decode()] = state["status"]
+                self._tenant(key, state)
+
+        def _tenant(self, key: bytes, state: dict[str, Any]) -> None:
+            tenant = key[len(views.TENANT):].decode()
+            self.status[tenant] = state["status"]
+            if "partition" in state:
+                self.partitions.setdefault(int(state["partition"]), set()).add(tenant)
 
         def sorted_findings(self) -> list[dict[str, Any]]:
             return sorted(self.findings.values(), key=lambda f: (
@@ -216,6 +223,23 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             if outcome.chain is not None:
                 table[outcome.chain[0].encode()] = views.dumps(outcome.chain[1])
 
+    def tenants_of(partition: int) -> list[tuple[bytes, dict[str, Any]]]:
+        """The tenant states stored in one partition (by the read model's index once loaded,
+        else by a scan)."""
+        if model.load():
+            out = []
+            for tenant in model.partitions.get(partition, ()):
+                key = views.tenant_key(tenant)
+                value = table.get(key)
+                if value is not None:
+                    out.append((key, views.loads(value)))
+            return out
+        return [
+            (k, st) for k, v in list(table.items())
+            if k.startswith(views.TENANT) and v is not None
+            and (st := views.loads(v)).get("partition") == partition
+        ]
+
     @app.agent(control)
     async def audit_control(stream: Any) -> None:
         async for event in stream.events():
@@ -224,12 +248,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             now = float(body.get("now") or cfg.clock())
             if body.get("kind") == "failover":
                 ev = Event(**body["event"])
-                for key, value in list(table.items()):
-                    if not key.startswith(views.TENANT):
-                        continue
-                    state = views.loads(value)
-                    if state.get("partition") != msg.partition:
-                        continue
+                for key, state in tenants_of(msg.partition):
                     new, found = rules.apply_failover(state, ev, now, policy)
                     save_findings(found)
                     if new != state:
@@ -243,12 +262,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     chains = ingest.store.chain_offsets()
                     for key in collect(stashed, chains, msg.partition):
                         table.pop(key.encode(), None)
-                for key, value in list(table.items()):
-                    if not key.startswith(views.TENANT):
-                        continue
-                    state = views.loads(value)
-                    if state.get("partition") != msg.partition:
-                        continue
+                for key, state in tenants_of(msg.partition):
                     new, found = rules.tick(state, now, policy)
                     save_findings(found)
                     if new != state:
