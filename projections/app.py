@@ -50,6 +50,8 @@ class AuditConfig:
     policy: Policy = field(default_factory=Policy)
     tick_interval: float = 5.0
     app_id: str = "openkcm-audit"
+    checkpoint_timeout: float = 300.0
+    """Seconds an unsigned event may wait for its chain's checkpoint before it is a finding."""
     clock: Callable[[], float] = time.time
     announce: Callable[[str], None] | None = None
 
@@ -262,6 +264,7 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                     chains = ingest.store.chain_offsets()
                     for key in collect(stashed, chains, msg.partition):
                         table.pop(key.encode(), None)
+                save_findings(ingest.unconfirmed(msg.partition, cfg.checkpoint_timeout))
                 for key, state in tenants_of(msg.partition):
                     new, found = rules.tick(state, now, policy)
                     save_findings(found)

@@ -11,6 +11,7 @@ continues from the last verified event survives restarts the same way.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,6 +114,8 @@ class Ingest:
     store: Store
     verifier: ChainVerifier = field(init=False)
     _fed: dict[str, int] = field(default_factory=dict)
+    _waiting: dict[str, list[tuple[float, Received]]] = field(default_factory=dict)
+    """Unsigned events waiting per chain, with the (monotonic) time they were read."""
     _restored: bool = False
 
     def __post_init__(self) -> None:
@@ -136,7 +139,9 @@ class Ingest:
                 except DecodeError:
                     continue
                 record = Record(topic, partition, offset, raw, 0.0)
-                self.verifier.feed((topic, partition, producer), Received(record, ev))
+                received = Received(record, ev)
+                self.verifier.feed((topic, partition, producer), received)
+                self._waiting.setdefault(chain, []).append((time.monotonic(), received))
                 self._fed[chain] = max(self._fed.get(chain, -1), offset)
 
     def feed(self, record: Record) -> Outcome:
@@ -161,7 +166,10 @@ class Ingest:
         verified, rejected = self.verifier.feed(chain, received)
         if not verified and not rejected:
             out.stash = (stash_key(key, record.offset), record.value or b"")
+            self._waiting.setdefault(key, []).append((time.monotonic(), received))
             return out
+        if verified:
+            self._waiting.pop(key, None)  # a checkpoint settles every waiting event
         for bad, reason in rejected:
             out.findings.append(
                 Finding(bad.tenant_id, bad.event_id, "auth_failure", reason,
@@ -191,6 +199,24 @@ class Ingest:
                 out.events.append(event)
         if verified:
             out.chain = (key, {"head": head, "offset": last_offset})
+        return out
+
+
+    def unconfirmed(self, partition: int, older_than: float) -> list[Finding]:
+        """Findings for unsigned events of one partition that no checkpoint has covered for
+        `older_than` seconds (a producer that never signed its batch). They stay waiting: a
+        checkpoint arriving later still verifies and applies them."""
+        now = time.monotonic()
+        out = []
+        for chain, waiting in self._waiting.items():
+            if _chain_parts(chain)[1] != partition:
+                continue
+            for since, item in waiting:
+                if now - since >= older_than:
+                    out.append(Finding(
+                        item.tenant_id, item.event_id, "auth_failure",
+                        f"no signed checkpoint covered it within {older_than:.0f}s",
+                        _time_of(item, item.record)))
         return out
 
 

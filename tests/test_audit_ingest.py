@@ -116,3 +116,20 @@ def test_forged_broken_and_garbage(tmp_path: Path) -> None:
     assert [f.kind for f in out.findings] == ["auth_failure", "broken_chain", "invalid_event"]
     assert out.findings[0].reason.startswith("unknown signer")
     assert [e.payload["key"]["version"] for e in out.events] == [2, 3, 5]
+
+
+def test_unsigned_events_without_a_checkpoint_are_reported_after_the_timeout(
+    tmp_path: Path,
+) -> None:
+    key, trust = setup(tmp_path)
+    store = DictStore()
+    ingest = Ingest(trust, store)
+    raws = signed_run(ChainSigner(key), rotations(3))
+    feed_all(ingest, store, raws[:2])  # the producer died before its checkpoint
+    assert ingest.unconfirmed(0, older_than=3600) == []
+    late = ingest.unconfirmed(0, older_than=0)
+    assert [f.kind for f in late] == ["auth_failure", "auth_failure"]
+    assert "no signed checkpoint" in late[0].reason
+    assert ingest.unconfirmed(1, older_than=0) == []  # another partition
+    out = feed_all(ingest, store, raws[2:], first_offset=2)  # the checkpoint after all
+    assert len(out.events) == 3 and ingest.unconfirmed(0, older_than=0) == []

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--settle", type=duration, default=duration("15s"),
                    help="how long a check waiting for the other topic stays open")
     p.add_argument("--tick-interval", type=duration, default=duration("5s"))
+    p.add_argument("--checkpoint-timeout", type=duration, default=duration("5m"),
+                   help="how long an unsigned event may wait for its signed checkpoint")
     p.add_argument("--app-id", default="openkcm-audit",
                    help="consumer group and table namespace (one per audit deployment)")
     p.set_defaults(handler=lambda args: _run(p, args))
@@ -91,6 +93,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         policy=policy,
         tick_interval=max(args.tick_interval.total_seconds(), 0.2),
         app_id=args.app_id,
+        checkpoint_timeout=args.checkpoint_timeout.total_seconds(),
         announce=announce,
     )
     try:
