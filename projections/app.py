@@ -25,7 +25,13 @@ from typing import Any
 import faust
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from events.kafka import KafkaSettings, ensure_topics, make_consumer, partitions_of
+from events.kafka import (
+    KafkaSettings,
+    ensure_topics,
+    make_consumer,
+    partition_for,
+    partitions_of,
+)
 from events.signing import TrustStore
 from events.topics import CORE_KEYS, LIFECYCLE
 from projections import rules, views
@@ -187,6 +193,21 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
                 model.finding(key, value)
                 stats.findings.labels(f.kind).inc()
 
+    def failover_parts(ev: Event) -> list[tuple[int, dict[str, Any]]]:
+        """One control message per partition; a tenant list is split by partition so no
+        message grows beyond a partition's share (100k tenants would exceed 1 MB)."""
+        listed = ev.payload.get("tenants")
+        out = []
+        for p in range(partitions):
+            body = dict(ev.__dict__)
+            if listed is not None:
+                mine = [t for t in listed if partition_for(t.encode(), partitions) == p]
+                if not mine:
+                    continue
+                body["payload"] = {**ev.payload, "tenants": mine}
+            out.append((p, body))
+        return out
+
     def fold(ev: Event, partition: int, now: float, states: dict[bytes, Any]) -> None:
         key = views.tenant_key(ev.tenant_id or "")
         state = states[key] if key in states else views.loads(table.get(key))
@@ -214,8 +235,8 @@ def build_app(cfg: AuditConfig, partitions: int) -> faust.App:
             states: dict[bytes, Any] = {}  # one write per tenant per verified run
             for ev in outcome.events:
                 if ev.tenant_id is None:  # RegionFailover: to every partition's tenants
-                    payload = views.dumps({"kind": "failover", "event": ev.__dict__})
-                    for p in range(partitions):
+                    for p, part_ev in failover_parts(ev):
+                        payload = views.dumps({"kind": "failover", "event": part_ev})
                         await control.send(key=b"failover", value=payload, partition=p)
                     stats.events.inc()
                 else:
