@@ -258,8 +258,10 @@ def test_partition_links_cut_rotation_and_l4_continue_backlog_in_order_drift_rep
 
         report = wait_until(reconciled, timeout=30, what="reconciliation after the heal")
         FIGURES["heal_to_reconciled_s"] = round(time.monotonic() - healed, 2)
-        st = status(url)
-        assert st["registry"]["reachable"] is True and st["consumer"]["link_up"] is True
+        # the reachability probe and link tracking run on their own period: give them one
+        wait_until(lambda: (lambda st: st["registry"]["reachable"] is True
+                            and st["consumer"]["link_up"] is True)(status(url)),
+                   timeout=15, what="registry reachable and consumer link up")
         assert core.starts == 2  # the consumer recovered from the dropped link in-process
         # The Kafka client's retries every 100 ms are logged once a minute, not 100 times a
         # second.

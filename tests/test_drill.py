@@ -52,7 +52,7 @@ def test_scenario_passes_at_small_size(scenario: str, tmp_path: Path) -> None:
 
 def test_a_broken_invariant_fails_the_drill_and_names_the_check(tmp_path: Path) -> None:
     """The survivor region has no access to the L1 root of trust: it cannot hydrate."""
-    code, report = _drill("region-loss", tmp_path, "--deny-survivor-l1")
+    code, report = _drill("region-loss", tmp_path, "--deny-survivor-l1", "--rto-target", "5")
     assert code == 1
     assert report["passed"] is False
     failed = [c["name"] for c in report["scenarios"][0]["checks"] if not c["passed"]]

@@ -46,7 +46,7 @@ async def test_kafka_link_cuts_and_heals(fresh_broker, tmp_path) -> None:
     try:
         producer = make_producer(KafkaSettings(link.bootstrap))
         await producer.start()
-        meta = await producer.send_and_wait(topic, b"x")
+        meta = await producer.send_and_wait(topic, b"x", partition=0)
         assert meta.offset == 0
         await producer.stop()
         link.cut()
@@ -55,7 +55,7 @@ async def test_kafka_link_cuts_and_heals(fresh_broker, tmp_path) -> None:
         link.heal()
         producer = make_producer(KafkaSettings(link.bootstrap))
         await producer.start()
-        assert (await producer.send_and_wait(topic, b"y")).offset == 1
+        assert (await producer.send_and_wait(topic, b"y", partition=0)).offset == 1
         await producer.stop()
     finally:
         link.cut()
