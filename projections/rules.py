@@ -323,10 +323,17 @@ def _purged(st: State, ev: Event, now: float, policy: Policy, out: list[Finding]
         st["purges"].append([ev.event_id, ev.time, now])
 
 
+RECONCILIATION_CAUSE = "registry-snapshot:"
+"""Cause of a purge a Core scheduled because the Registry's signed snapshot no longer has the
+tenant (partition-heal reconciliation): a deletion the lifecycle topic never carried."""
+
+
 def _other_key_event(st: State, ev: Event, now: float, policy: Policy, out: list[Finding]) -> None:
     _key_event_checks(st, ev, now, policy, out)
-    if ev.type == "TenantPurgeCancelled" and st["status"] == "deleted":
-        pass  # the lifecycle's TenantRestored decides the status
+    if ev.type == "TenantPurgeScheduled" and str(
+        ev.payload.get("cause_event_id", "")
+    ).startswith(RECONCILIATION_CAUSE):
+        _deleted(st, ev, now, policy, out)  # the snapshot's verdict stands for the deletion
 
 
 _HANDLERS = {

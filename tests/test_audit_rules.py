@@ -186,6 +186,25 @@ def test_purge_without_delete() -> None:
     assert found == [] and state["purges"] == []
 
 
+def test_a_purge_scheduled_by_reconciliation_is_not_a_purge_without_delete() -> None:
+    """A Core that reconciled against the Registry's signed snapshot (the tenant is gone there,
+    its TenantDeleted never reached the Core) schedules the purge with that cause."""
+    scheduled = ev(m.TenantPurgeScheduled(region=EU, epoch=1, purge_at=at(45),
+                                          cause_event_id="registry-snapshot:812"), EU, 44)
+    purge = ev(m.TenantPurged(region=EU, epoch=1, destroyed=["e1v1"], destroyed_layers=["L3"]),
+               EU, 50)
+    state, found = fold([created(), initialized(), scheduled, purge])
+    assert found == [] and state["status"] == "purged"
+    _, found = tick(state, at(50).timestamp() + 11, POLICY)
+    assert found == []
+    # Any other cause without a TenantDeleted is still a finding.
+    other = ev(m.TenantPurgeScheduled(region=EU, epoch=1, purge_at=at(45),
+                                      cause_event_id="something-else"), EU, 44)
+    state, _ = fold([created(), initialized(), other, purge])
+    _, found = tick(state, at(50).timestamp() + 11, POLICY)
+    assert kinds(found) == ["purge_without_delete"]
+
+
 def test_rotated_after_delete_and_the_restore_case() -> None:
     deleted = ev(m.TenantDeleted(), "registry", 40)
     restored = ev(m.TenantRestored(), "registry", 42)
