@@ -67,6 +67,35 @@ def create(e: Engine, n: int, reg: SigningKey, start: int = 0, batch: int = 5_00
         e.apply_lifecycle(accepted, {0: (seq, seq)})
 
 
+def bench_ingest(n: int) -> dict[str, Any]:
+    """Lifecycle ingest through the engine (verified events as the consumer hands them over),
+    the signed events prepared beforehand: plain facts (a tenant homed elsewhere) and
+    TenantCreated at home (two keys minted, an L1 wrap, signed timeline events)."""
+    reg = SigningKey.generate("registry")
+
+    def events(regions: list[str]) -> list[tuple[dict[str, Any], bytes, int]]:
+        out = []
+        for j in range(n):
+            env = sign_event(new_envelope(TenantCreated(regions=regions, home_region=regions[0]),
+                                          producer="registry", seq=j + 1, tenant_id=f"t{j:06d}"),
+                             reg)
+            raw = encode(env)
+            out.append((orjson.loads(raw), raw, 0))
+        return out
+
+    results: dict[str, Any] = {"events": n, "target_per_s": 20_000}
+    for name, regions in (("facts_only_per_s", ["us-east-1"]), ("created_at_home_per_s", [R])):
+        accepted = events(regions)
+        with tempfile.TemporaryDirectory() as d:
+            e = engine(Path(d) / "core", SigningKey.generate(R))
+            t0 = time.perf_counter()
+            for i in range(0, n, 5_000):
+                e.apply_lifecycle(accepted[i : i + 5_000], {0: (i + 5_000, i + 5_000)})
+            results[name] = round(n / (time.perf_counter() - t0))
+            close(e)
+    return results
+
+
 def p50_ns(fn: Any, n: int) -> float:
     samples = []
     for _ in range(n):
@@ -131,7 +160,37 @@ def bench_restart(root: Path, key: SigningKey, tenants: int) -> dict[str, Any]:
         assert len(e.state.tenants) >= tenants
         close(e)
     return {"tenants": tenants, "restart_to_serving_s": round(statistics.median(times), 3),
-            "target_s_for_100k": 1.0, "data_dir_mb": round(size_on_disk(root) / 1e6, 1)}
+            "target_s_for_100k": 1.0, "data_dir_mb": round(size_on_disk(root) / 1e6, 1),
+            **_rss_of_a_loaded_core(root)}
+
+
+_RSS_PROBE = """
+import sys
+from pathlib import Path
+from benchmarks.bench_core import engine, R
+from events.signing import SigningKey
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+before = rss_mb()
+e = engine(Path(sys.argv[1]), SigningKey.generate(R))
+e.generate_dek("t000007")
+print(before, rss_mb(), len(e.state.tenants))
+"""
+
+
+def _rss_of_a_loaded_core(root: Path) -> dict[str, Any]:
+    """Resident memory of a process holding the Core's state of every tenant (the process
+    with every module imported, then after loading the state and serving)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(root)], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    before, after, n = out.stdout.split()
+    return {"rss_mb_process": round(float(after)), "rss_mb_for_state": round(
+        float(after) - float(before)), "rss_tenants": int(n), "target_rss_mb_for_100k": 500}
 
 
 async def bench_relay(e: Engine, tenants: int) -> dict[str, Any]:
@@ -212,6 +271,7 @@ def main() -> None:
         create(e, args.tenants, reg)
         results["initialise"] = {"tenants": args.tenants, "tenants_per_s": round(
             args.tenants / (time.perf_counter() - t0))}
+        results["lifecycle_ingest"] = bench_ingest(min(args.tenants, 20_000))
         results["dek_unwrap_in_process"] = bench_unwrap(e)
         results["rotations_through_log"] = bench_rotations(e, min(args.batch, args.tenants),
                                                            Path(d))
