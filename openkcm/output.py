@@ -18,7 +18,8 @@ def emit(
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         sys.stdout.flush()
         return
-    console = Console()
+    # a pipe or a CI log has no width: do not squeeze the table into 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     rows = [result] if isinstance(result, Mapping) else list(result)
     if not rows:
         console.print(f"{title}: nothing" if title else "nothing")
