@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,16 @@ log = logging.getLogger("openkcm.core")
 
 _BIND_MARK = b"b"
 HYDRATION_PENDING = b"h/"  # + RegionFailover event id -> hydration still to do (JSON)
+
+
+def new_event_id() -> str:
+    """A random (version 4) UUID in its string form, as `str(uuid.uuid4())` gives, without
+    building a UUID object."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True)
@@ -82,20 +92,25 @@ class _Txn:
     """Tenants whose unsealed handles are forgotten after the commit (purged or moved away)."""
     results: list[dict[str, Any]] = field(default_factory=list)
 
-    by_id: dict[tuple[str, str, str], KeyHandle] = field(default_factory=dict)
+    by_tenant: dict[str, dict[tuple[str, str], KeyHandle]] = field(default_factory=dict)
+    """The staged handles per tenant, by (layer, key id)."""
 
     def stage(self, tenant_id: str, layer: str, key_id: str, handle: KeyHandle) -> None:
         self.handles.append((tenant_id, layer, key_id, handle))
-        self.by_id[(tenant_id, layer, key_id)] = handle
+        mine = self.by_tenant.get(tenant_id)
+        if mine is None:
+            mine = self.by_tenant[tenant_id] = {}
+        mine[(layer, key_id)] = handle
 
     def staged(self, tenant_id: str, layer: str, key_id: str) -> KeyHandle | None:
-        return self.by_id.get((tenant_id, layer, key_id))
+        mine = self.by_tenant.get(tenant_id)
+        return None if mine is None else mine.get((layer, key_id))
 
     def discard(self) -> None:
         for *_, h in self.handles:
             h.destroy()
         self.handles.clear()
-        self.by_id.clear()
+        self.by_tenant.clear()
 
 
 class Engine:
@@ -121,12 +136,23 @@ class Engine:
         self.broker_resets = 0  # the relay counts brokers that came back empty
         self.hydration_requested = False  # set with a pending hydration marker (hydration.py)
         self.rebuilding = False  # lifecycle without side effects (rebuild.py)
+        self._iso_memo: tuple[float, str] = (float("nan"), "")
         self.counters: dict[str, int] = {
             "deks_generated": 0, "deks_unwrapped": 0, "dek_refusals": 0, "rotations": 0,
             "lifecycle_applied": 0, "purges": 0, "initialized": 0,
         }
 
     # -- transactions ------------------------------------------------------------------
+    def _iso(self, at: float) -> str:
+        """`iso(at)`, remembered for the last `at` (a transaction stamps many events with
+        the same time)."""
+        memo = self._iso_memo
+        if memo[0] == at:
+            return memo[1]
+        text = iso(at)
+        self._iso_memo = (at, text)
+        return text
+
     def begin(self) -> _Txn:
         return _Txn(self.log.meta.copy())
 
@@ -147,13 +173,13 @@ class Engine:
              ) -> dict[str, Any]:
         txn.meta.seq += 1
         event = {
-            "event_id": str(uuid.uuid4()),
+            "event_id": new_event_id(),
             "type": etype,
             "schema_version": 1,
             "tenant_id": tenant_id,
             "producer": self.region,
             "seq": txn.meta.seq,
-            "occurred_at": iso(at),
+            "occurred_at": self._iso(at),
             "payload": payload,
         }
         txn.entries.append((OWN, event, None))
@@ -168,8 +194,8 @@ class Engine:
     def _local(self, txn: _Txn, etype: str, tenant_id: str, payload: dict[str, Any], at: float
                ) -> None:
         event = {
-            "event_id": str(uuid.uuid4()), "type": etype, "tenant_id": tenant_id,
-            "producer": self.region, "occurred_at": iso(at), "payload": payload,
+            "event_id": new_event_id(), "type": etype, "tenant_id": tenant_id,
+            "producer": self.region, "occurred_at": self._iso(at), "payload": payload,
         }
         txn.entries.append((LOCAL, event, None))
         self._fold(txn, event)
@@ -178,8 +204,8 @@ class Engine:
                      at: float) -> None:
         """Record another region's verified timeline event (an `I` entry) and fold it."""
         record = {
-            "event_id": str(uuid.uuid4()), "type": st.TIMELINE_IMPORTED, "tenant_id": tenant_id,
-            "producer": self.region, "occurred_at": iso(at),
+            "event_id": new_event_id(), "type": st.TIMELINE_IMPORTED, "tenant_id": tenant_id,
+            "producer": self.region, "occurred_at": self._iso(at),
             "payload": {"event": dict(event), "stale": stale},
         }
         txn.entries.append((IMPORTED, record, None))
@@ -220,26 +246,30 @@ class Engine:
     def _cache_staged(self, txn: _Txn) -> None:
         """Keep the new handles of tenants whose key set in memory is complete (or becomes
         complete with them); others are unsealed from the vault on first use."""
-        staged: dict[str, list[tuple[str, str, KeyHandle]]] = {}
-        for tid, layer, kid, h in txn.handles:
-            staged.setdefault(tid, []).append((layer, kid, h))
-        for tid, items in staged.items():
-            t = self.state.tenants.get(tid)
-            complete = tid in self.cache.l3 and tid in self.cache.l2
+        tenants = self.state.tenants
+        cache_l2, cache_l3 = self.cache.l2, self.cache.l3
+        for tid, have in txn.by_tenant.items():
+            t = tenants.get(tid)
+            l2 = cache_l2.get(tid)
+            l3 = cache_l3.get(tid)
+            complete = l2 is not None and l3 is not None
             if not complete and t is not None:
-                have = {(layer, kid) for layer, kid, _ in items}
                 complete = all(("L2", k.key_id) in have for k in t.l2) and all(
                     ("L3", k.key_id) in have for k in t.l3) and all(
                     (k.layer, k.key_id) in have for k in t.stale)
                 if complete:
-                    self.cache.l2.setdefault(tid, {})
-                    self.cache.l3.setdefault(tid, {})
-            for layer, kid, h in items:
-                if complete and t is not None and t.status != st.PURGED:
-                    self.cache.put(tid, layer, kid, h)
-                else:
+                    l2 = cache_l2.setdefault(tid, {})
+                    l3 = cache_l3.setdefault(tid, {})
+            if complete and t is not None and t.status != st.PURGED:
+                assert l2 is not None and l3 is not None
+                for (layer, kid), h in have.items():
+                    (l2 if layer == "L2" else l3)[kid] = h
+            else:
+                for h in have.values():
                     h.destroy()
+        # a handle staged twice under one id was replaced (the cache kept the last one)
         txn.handles.clear()
+        txn.by_tenant.clear()
 
     def _encode(self, txn: _Txn) -> list[bytes]:
         """Entry bytes; own events signed into their partition's hash chain, the last event
@@ -253,19 +283,30 @@ class Engine:
                 own_part[i] = p
                 last[p] = i
         out = []
+        key_id = self.key.key_id
+        heads = txn.meta.heads
+        prev_raw: dict[int, bytes] = {}  # partition -> its head's bytes within this batch
+        sha256 = hashlib.sha256
         for i, (kind, event, raw) in enumerate(txn.entries):
             if kind == OWN:
                 p = own_part[i]
-                prev = txn.meta.heads.get(str(p))
+                prev = heads.get(str(p))
                 body = canonical(event)
-                digest = hashlib.sha256((bytes.fromhex(prev) if prev else b"") + body).digest()
+                pb = prev_raw.get(p)
+                if pb is None:
+                    pb = bytes.fromhex(prev) if prev else b""
+                digest = sha256(pb + body).digest()
+                prev_raw[p] = digest
                 auth = {
-                    "key_id": self.key.key_id,
+                    "key_id": key_id,
                     "prev": prev,
                     "sig": self.key.sign(digest) if last[p] == i else None,
                 }
-                txn.meta.heads[str(p)] = digest.hex()
-                out.append(OWN + canonical({**event, "auth": auth}))
+                heads[str(p)] = digest.hex()
+                if event and min(event) > "auth":  # "auth" sorts first: splice it into the body
+                    out.append(OWN + b'{"auth":' + canonical(auth) + b"," + body[1:])
+                else:
+                    out.append(OWN + canonical({**event, "auth": auth}))
             elif kind == LIFECYCLE:
                 assert raw is not None
                 out.append(LIFECYCLE + raw)
@@ -295,7 +336,7 @@ class Engine:
         txn.vault_items.append((t.tenant_id, "L2", kid, blob))
         txn.stage(t.tenant_id, "L2", kid, h)
         return {"layer": "L2", "version": version, "epoch": epoch, "key_id": kid,
-                "parent_key_id": None, "kcv": h.kcv, "created_at": iso(at)}
+                "parent_key_id": None, "kcv": h.kcv, "created_at": self._iso(at)}
 
     def _new_l3(self, txn: _Txn, t: TenantState, parent: str, epoch: int, version: int,
                 at: float) -> dict[str, Any]:
@@ -305,7 +346,7 @@ class Engine:
         txn.vault_items.append((t.tenant_id, "L3", kid, blob))
         txn.stage(t.tenant_id, "L3", kid, h)
         return {"layer": "L3", "version": version, "epoch": epoch, "key_id": kid,
-                "parent_key_id": parent, "kcv": h.kcv, "created_at": iso(at)}
+                "parent_key_id": parent, "kcv": h.kcv, "created_at": self._iso(at)}
 
     def _initialize(self, txn: _Txn, tenant_id: str, at: float) -> bool:
         t = self.tenant(txn, tenant_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import os
@@ -38,23 +37,27 @@ class KeyHandle:
         if len(raw) != KEY_BYTES:
             raise ValueError("an AES-256 key is 32 bytes")
         self._raw: bytearray | None = bytearray(raw)
-        self._aead: AESGCM | None = AESGCM(bytes(raw))
+        self._aead: AESGCM | None = None  # built on first use (most L3 keys wait for a DEK)
 
     @classmethod
     def generate(cls) -> KeyHandle:
         return cls(os.urandom(KEY_BYTES))
 
     def _gcm(self) -> AESGCM:
-        if self._aead is None:
-            raise ValueError("key was destroyed")
-        return self._aead
+        aead = self._aead
+        if aead is None:
+            if self._raw is None:
+                raise ValueError("key was destroyed")
+            # a race builds two equivalent objects; either is fine
+            aead = self._aead = AESGCM(bytes(self._raw))
+        return aead
 
     @property
     def kcv(self) -> str:
         """Key check value: 12 hex digits of HMAC-SHA256(key, label). Reveals nothing useful."""
         if self._raw is None:
             raise ValueError("key was destroyed")
-        return hmac.new(bytes(self._raw), _KCV_LABEL, hashlib.sha256).hexdigest()[:12]
+        return hmac.digest(bytes(self._raw), _KCV_LABEL, "sha256").hex()[:12]
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)

@@ -41,8 +41,12 @@ BLOB_FORMAT = 0x01
 _AAD_LABEL = b"openkcm/l1-local/v1"
 
 
-def _effective_aad(l1_ref: str, aad: bytes) -> bytes:
-    return bytes([BLOB_FORMAT]) + _AAD_LABEL + b"\0" + l1_ref.encode() + b"\0" + aad
+def _aad_prefix(l1_ref: str) -> bytes:
+    return bytes([BLOB_FORMAT]) + _AAD_LABEL + b"\0" + l1_ref.encode() + b"\0"
+
+
+_BLOB_PREFIX = bytes([BLOB_FORMAT])
+_MAX_REFS = 1024  # bound of the validated-reference cache
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -187,6 +191,8 @@ class LocalL1:
         self._lock = threading.Lock()
         self._keyring: Keyring | None = None
         self._stamp: tuple[int, int, int, int] | None = None
+        self._fspath = os.fspath(path)
+        self._prefixes: dict[str, bytes] = {}  # validated l1_ref -> its AAD prefix
 
     @classmethod
     def open(cls, rest: str, region: str) -> LocalL1:
@@ -205,7 +211,7 @@ class LocalL1:
         changed the regions). Raises L1Refused when it is unreadable."""
         with self._lock:
             try:
-                st = os.stat(self.path)
+                st = os.stat(self._fspath)
                 stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
                 if self._keyring is None or stamp != self._stamp:
                     # The previous keyring is dropped, not destroyed: another thread may be
@@ -219,8 +225,17 @@ class LocalL1:
                 raise L1Refused(f"local L1 keyring {self.path} is malformed: {exc}") from None
             return self._keyring
 
+    def _aad(self, l1_ref: str, aad: bytes) -> bytes:
+        """The effective AAD; `l1_ref` is validated (once per distinct reference)."""
+        prefix = self._prefixes.get(l1_ref) if isinstance(l1_ref, str) else None
+        if prefix is None:
+            check_l1_ref(l1_ref)
+            if len(self._prefixes) >= _MAX_REFS:
+                self._prefixes.clear()
+            prefix = self._prefixes[l1_ref] = _aad_prefix(l1_ref)
+        return prefix + aad
+
     def _key(self, l1_ref: str) -> KeyHandle:
-        check_l1_ref(l1_ref)
         keyring = self._current()
         if keyring.regions is not None and self.region not in keyring.regions:
             raise L1Refused(
@@ -241,13 +256,15 @@ class LocalL1:
         return regions is None or region in regions
 
     def wrap(self, l1_ref: str, key: KeyHandle, aad: bytes) -> bytes:
-        return bytes([BLOB_FORMAT]) + self._key(l1_ref).wrap(key, _effective_aad(l1_ref, aad))
+        full_aad = self._aad(l1_ref, aad)
+        return _BLOB_PREFIX + self._key(l1_ref).wrap(key, full_aad)
 
     def unwrap(self, l1_ref: str, blob: bytes, aad: bytes) -> KeyHandle:
+        full_aad = self._aad(l1_ref, aad)
         root = self._key(l1_ref)
         if not blob or blob[0] != BLOB_FORMAT:
             raise UnwrapError("blob was not wrapped by the local L1 provider")
-        return root.unwrap(blob[1:], _effective_aad(l1_ref, aad))
+        return root.unwrap(blob[1:], full_aad)
 
     def health(self) -> dict[str, Any]:
         try:
