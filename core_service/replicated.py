@@ -13,8 +13,11 @@ Everything here reads to the end offsets as of the start of the read and returns
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,74 +65,164 @@ async def read_key_log(
     tenants: Collection[str] | None = None,
     progress: Progress | None = None,
 ) -> tuple[dict[str, TenantKeyLog], ReadStats]:
-    """The verified timeline and the material of `tenants` (None: every tenant)."""
+    """The verified timeline and the material of `tenants` (None: every tenant).
+
+    The material is read by a second consumer while the timeline is read, and caught up
+    after it: the material read always reaches at least the end offsets the material topic
+    had when the timeline read finished (as when the two were read one after the other)."""
     stats = ReadStats()
     started = time.perf_counter()
     wanted = set(tenants) if tenants is not None else None
     out: dict[str, TenantKeyLog] = {}
-
-    def entry(tid: str) -> TenantKeyLog:
+    timeline_read = asyncio.Event()
+    with _gc_paused():
+        material_task = asyncio.create_task(_read_material(settings, wanted, timeline_read))
+        try:
+            await _read_timeline(settings, trust, wanted, out, stats, progress)
+        except BaseException:
+            material_task.cancel()
+            with contextlib.suppress(BaseException):
+                await material_task
+            raise
+        timeline_read.set()
+        material, mstats = await material_task
+    for tid, blobs in material.items():
         log = out.get(tid)
         if log is None:
             log = out[tid] = TenantKeyLog(tid)
-        return log
+        log.material.update(blobs)
+    stats.material = mstats.material
+    for reason in mstats.reasons:
+        _note(stats, reason)
+    stats.seconds = time.perf_counter() - started
+    return out, stats
 
+
+async def _read_timeline(
+    settings: KafkaSettings,
+    trust: TrustStore,
+    wanted: set[str] | None,
+    out: dict[str, TenantKeyLog],
+    stats: ReadStats,
+    progress: Progress | None,
+) -> None:
     verifier = ChainVerifier(trust)
+    feed = verifier.feed
+    keys_topic = topics.CORE_KEYS
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        tps = await assign_from_offsets(consumer, topics.CORE_KEYS, {})
+        tps = await assign_from_offsets(consumer, keys_topic, {})
         async for tp, records in read_to_end(consumer, tps):
+            partition = tp.partition
+            verified = 0
             for rec in records:
-                stats.events += 1
                 try:
                     ev = read_raw(rec.value)
                 except DecodeError as exc:
                     stats.rejected += 1
-                    _note(stats, f"{tp.partition}@{rec.offset}: {exc}")
+                    _note(stats, f"{partition}@{rec.offset}: {exc}")
                     continue
                 # Every event is fed, wanted or not: a checkpoint on another tenant's event
                 # may be what vouches for a wanted one.
-                good, bad = verifier.feed((topics.CORE_KEYS, tp.partition, ev.producer), ev)
-                stats.rejected += len(bad)
-                for ev_bad, reason in bad:
-                    _note(stats, f"{ev_bad.event_id}: {reason}")
-                for ok in good:
-                    stats.verified += 1
-                    tid = ok.tenant_id
-                    if tid is not None and (wanted is None or tid in wanted):
-                        entry(tid).events.append(ok.data)
+                good, bad = feed((keys_topic, partition, ev.producer), ev)
+                if bad:
+                    stats.rejected += len(bad)
+                    for ev_bad, reason in bad:
+                        _note(stats, f"{ev_bad.event_id}: {reason}")
+                if good:
+                    verified += len(good)
+                    for ok in good:
+                        data = ok.data
+                        tid = data.get("tenant_id")
+                        if tid is None:
+                            continue
+                        if type(tid) is not str:
+                            tid = str(tid)
+                        if wanted is None or tid in wanted:
+                            log = out.get(tid)
+                            if log is None:
+                                log = out[tid] = TenantKeyLog(tid)
+                            log.events.append(data)
+            stats.events += len(records)
+            stats.verified += verified
             if progress is not None:
                 progress(stats.events)
-        tps = await assign_from_offsets(consumer, topics.CORE_MATERIAL, {})
-        async for _tp, records in read_to_end(consumer, tps):
-            for rec in records:
-                key = (rec.key or b"").decode(errors="replace")
-                tid, _, rest = key.partition("/")
-                layer, _, key_id = rest.partition("/")
-                if not key_id or (wanted is not None and tid not in wanted):
-                    continue
-                stats.material += 1
-                if rec.value is None:
-                    entry(tid).material[(layer, key_id)] = None
-                    continue
-                try:
-                    ev = read_raw(rec.value)
-                except DecodeError as exc:
-                    _note(stats, f"material {key}: {exc}")
-                    continue
-                if ev.type != "KeyMaterial" or ev.tenant_id != tid:
-                    _note(stats, f"material {key}: not a KeyMaterial of {tid}")
-                    continue
-                payload = ev.payload
-                if payload.get("layer") != layer or payload.get("key_id") != key_id:
-                    _note(stats, f"material {key}: key and payload disagree")
-                    continue
-                entry(tid).material[(layer, key_id)] = payload
     finally:
         await consumer.stop()
-    stats.seconds = time.perf_counter() - started
+
+
+async def _read_material(
+    settings: KafkaSettings, wanted: set[str] | None, timeline_read: asyncio.Event
+) -> tuple[dict[str, dict[tuple[str, str], dict[str, Any] | None]], ReadStats]:
+    """tenant -> (layer, key_id) -> KeyMaterial payload (None: tombstone), read to the end
+    offsets as of the start, then caught up to those as of `timeline_read`."""
+    stats = ReadStats()
+    out: dict[str, dict[tuple[str, str], dict[str, Any] | None]] = {}
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        tps = await assign_from_offsets(consumer, topics.CORE_MATERIAL, {})
+        while True:
+            async for _tp, records in read_to_end(consumer, tps):
+                for rec in records:
+                    _material_record(rec.key, rec.value, wanted, out, stats)
+            await timeline_read.wait()
+            ends = await consumer.end_offsets(tps)
+            if all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                break
+    finally:
+        await consumer.stop()
     return out, stats
+
+
+def _material_record(
+    raw_key: bytes | None,
+    value: bytes | None,
+    wanted: set[str] | None,
+    out: dict[str, dict[tuple[str, str], dict[str, Any] | None]],
+    stats: ReadStats,
+) -> None:
+    key = (raw_key or b"").decode(errors="replace")
+    tid, _, rest = key.partition("/")
+    layer, _, key_id = rest.partition("/")
+    if not key_id or (wanted is not None and tid not in wanted):
+        return
+    stats.material += 1
+    if value is None:
+        out.setdefault(tid, {})[(layer, key_id)] = None
+        return
+    try:
+        ev = read_raw(value)
+    except DecodeError as exc:
+        _note(stats, f"material {key}: {exc}")
+        return
+    if ev.type != "KeyMaterial" or ev.tenant_id != tid:
+        _note(stats, f"material {key}: not a KeyMaterial of {tid}")
+        return
+    payload = ev.payload
+    if payload.get("layer") != layer or payload.get("key_id") != key_id:
+        _note(stats, f"material {key}: key and payload disagree")
+        return
+    out.setdefault(tid, {})[(layer, key_id)] = payload
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Automatic garbage collection off for the duration of a bulk read. The read keeps
+    every verified event (several dicts each) alive, so the collector's passes over the
+    growing heap cost about a third of the read (measured: 0.5 s of 1.9 s per 100k events)
+    while finding nothing to free: the parsed events hold no reference cycles. The one pass
+    over the young objects that stays due is made here, so the read pays for it (not whatever
+    allocates next)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+            gc.collect(2)
 
 
 async def read_tenant_definitions(

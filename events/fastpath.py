@@ -11,7 +11,7 @@ Full validation stays at the edges: `RawEvent.envelope()` decodes strictly when 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -23,11 +23,16 @@ _NULL_AUTH = b'{"auth":null,'
 _AUTH_OBJ = b'{"auth":{'
 
 
-@dataclass(frozen=True, slots=True)
-class RawAuth:
+class RawAuth(NamedTuple):
+    """The auth member of a wire event (immutable; a tuple: ~3x cheaper to build than a
+    frozen dataclass, which counted on the bulk read path)."""
+
     key_id: str
     prev: str | None
     sig: str | None
+
+
+_new_auth = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -86,31 +91,32 @@ def read_raw(raw: bytes | None) -> RawEvent:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise DecodeError("an event must be a JSON object")
     type_ = data.get("type")
     if not isinstance(type_, str) or type_ not in PAYLOADS:
         raise DecodeError(f"unknown event type {type_!r}")
     if data.get("schema_version") != SCHEMA_VERSIONS[type_]:
         raise DecodeError("not the current schema version (use events.envelope.decode)")
-    if not _REQUIRED <= data.keys():
+    if not ("event_id" in data and "producer" in data and "seq" in data and "payload" in data):
         raise DecodeError(f"missing {sorted(_REQUIRED - data.keys())}")
     auth_data = data.get("auth")
     if auth_data is None:
         if not raw.startswith(_NULL_AUTH):
             raise DecodeError("not in canonical form")
         return RawEvent(raw, data, None, b"{" + raw[len(_NULL_AUTH) :])
-    if not isinstance(auth_data, dict) or not raw.startswith(_AUTH_OBJ):
+    if type(auth_data) is not dict or not raw.startswith(_AUTH_OBJ):
         raise DecodeError("not in canonical form")
     end = raw.find(b"},", len(_AUTH_OBJ))
     if end < 0:
         raise DecodeError("not in canonical form")
     try:
-        auth = RawAuth(str(auth_data["key_id"]), auth_data.get("prev"), auth_data.get("sig"))
+        key_id = auth_data["key_id"]
     except KeyError:
         raise DecodeError("auth without key_id") from None
-    if (auth.prev is not None and not isinstance(auth.prev, str)) or (
-        auth.sig is not None and not isinstance(auth.sig, str)
-    ):
+    prev = auth_data.get("prev")
+    sig = auth_data.get("sig")
+    if (prev is not None and type(prev) is not str) or (sig is not None and type(sig) is not str):
         raise DecodeError("auth fields must be strings")
+    auth = _new_auth(RawAuth, (key_id if type(key_id) is str else str(key_id), prev, sig))
     return RawEvent(raw, data, auth, b"{" + raw[end + 2 :])

@@ -160,8 +160,11 @@ async def assign_from_offsets(
     for tp in tps:
         if tp.partition in next_offsets:
             consumer.seek(tp, next_offsets[tp.partition])
-        else:
-            await consumer.seek_to_beginning(tp)
+    # One reset for every partition without a stored offset: each call waits for its reset,
+    # and one at a time they queued behind the fetch in flight (~50 ms per partition).
+    fresh = [tp for tp in tps if tp.partition not in next_offsets]
+    if fresh:
+        await consumer.seek_to_beginning(*fresh)
     return tps
 
 
