@@ -50,7 +50,8 @@ class RawEvent:
 
     @property
     def producer(self) -> str:
-        return str(self.data["producer"])
+        value = self.data["producer"]
+        return value if type(value) is str else str(value)
 
     @property
     def event_id(self) -> str:
