@@ -31,6 +31,7 @@ from typing import Any
 from core_service import state as st
 from core_service.hydration import hydration_pending
 from core_service.keys import l2_aad, l3_aad
+from core_service.replicated import read_material
 from events import topics
 from events.envelope import DecodeError
 from events.fastpath import read_raw
@@ -39,7 +40,6 @@ from events.kafka import (
     assign_from_offsets,
     ensure_topics,
     make_consumer,
-    read_to_end,
 )
 from events.signing import ChainVerifier, TrustStore
 from plugins.crypto import KeyHandle, UnwrapError
@@ -55,31 +55,6 @@ def _versions(event: dict[str, Any]) -> list[dict[str, Any]]:
     if event["type"] == "TenantInitialized":
         return [p["l2"], p["l3"]]
     return [p["key"]]
-
-
-async def read_material(settings: KafkaSettings, wanted: set[str]
-                        ) -> dict[str, dict[str, Any] | None]:
-    """The latest `kcm.core.material` value of each wanted key (`tenant/layer/key_id`)."""
-    out: dict[str, dict[str, Any] | None] = {}
-    consumer = make_consumer(settings)
-    await consumer.start()
-    try:
-        tps = await assign_from_offsets(consumer, topics.CORE_MATERIAL, {})
-        async for _tp, records in read_to_end(consumer, tps):
-            for rec in records:
-                key = (rec.key or b"").decode(errors="replace")
-                if key not in wanted:
-                    continue
-                if rec.value is None:
-                    out[key] = None
-                    continue
-                try:
-                    out[key] = read_raw(rec.value).payload
-                except DecodeError:
-                    continue
-    finally:
-        await consumer.stop()
-    return out
 
 
 class Follower:
@@ -130,9 +105,8 @@ class Follower:
     # -- importing -------------------------------------------------------------------
     async def _import(self, candidates: dict[tuple[int, int], dict[str, Any]]) -> None:
         e = self.engine
-        keys = {f"{ev['tenant_id']}/{kv['layer']}/{kv['key_id']}"
-                for ev in candidates.values() for kv in _versions(ev)}
-        material = await read_material(self.settings, keys) if keys else {}
+        tenants = {ev["tenant_id"] for ev in candidates.values() if _versions(ev)}
+        material = await read_material(self.settings, tenants) if tenants else {}
         txn = e.begin()
         at = e.clock.now()
         fresh: dict[tuple[str, str, str], KeyHandle] = {}
@@ -148,7 +122,7 @@ class Follower:
             staged: list[tuple[str, str, KeyHandle, bytes]] = []
             why = ""
             for kv in sorted(_versions(ev), key=lambda k: k["layer"]):
-                m = material.get(f"{tid}/{kv['layer']}/{kv['key_id']}")
+                m = material.get(tid, {}).get((kv["layer"], kv["key_id"]))
                 if m is None:
                     why = "material"
                     break

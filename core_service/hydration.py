@@ -187,6 +187,22 @@ def _unwrap_all(plan: Plan, versions: Mapping[tuple[str, str], Mapping[str, Any]
     return ""
 
 
+def apply_plan(engine, txn, plan: Plan, from_region: str, cause: str,  # type: ignore[no-untyped-def]
+               at: float) -> None:
+    """Stage one tenant's import in a transaction: its blobs (vault first), its unsealed
+    handles, the imported timeline events and `TenantHydrated` with the plan's epoch."""
+    tid = plan.tenant_id
+    txn.vault_items.extend(plan.vault_items)
+    for layer, kid, handle in plan.handles:
+        txn.stage(tid, layer, kid, handle)
+    for ev, stale in plan.imported:
+        engine.import_event(txn, tid, ev, stale, at)
+    engine.emit(txn, "TenantHydrated", tid, {
+        "region": engine.region, "epoch": plan.epoch, "from_region": from_region,
+        "l2_versions": plan.l2_versions, "l3_versions": plan.l3_versions,
+        "cause_event_id": cause}, at)
+
+
 def _done(t: TenantState | None, region: str, epoch: int) -> bool:
     return t is not None and t.owner == region and t.epoch >= epoch and t.status in (
         st.ACTIVE, st.PENDING_PURGE)
@@ -334,15 +350,7 @@ class Hydrator:
             if _done(e.tenant(txn, tid), e.region, int(marker["epoch"])):
                 plan.destroy()
                 continue
-            txn.vault_items.extend(plan.vault_items)
-            for layer, kid, h in plan.handles:
-                txn.stage(tid, layer, kid, h)
-            for ev, stale in plan.imported:
-                e.import_event(txn, tid, ev, stale, at)
-            e.emit(txn, "TenantHydrated", tid, {
-                "region": e.region, "epoch": plan.epoch, "from_region": marker["from_region"],
-                "l2_versions": plan.l2_versions, "l3_versions": plan.l3_versions,
-                "cause_event_id": marker["event_id"]}, at)
+            apply_plan(e, txn, plan, marker["from_region"], marker["event_id"], at)
             marker["hydrated"] = int(marker.get("hydrated", 0)) + 1
         marker["refused"].extend(refusals)
         for r in refusals:

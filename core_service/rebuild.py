@@ -30,7 +30,7 @@ import orjson
 from core_service import state as st
 from core_service.clock import SystemClock, iso
 from core_service.engine import CoreConfig, Engine
-from core_service.hydration import plan_tenant
+from core_service.hydration import apply_plan, plan_tenant
 from core_service.log import EventLog
 from core_service.replicated import TenantKeyLog, read_key_log
 from events import topics
@@ -199,15 +199,7 @@ def _commit(engine: Engine, tenants: list[str], keylogs: dict[str, TenantKeyLog]
         if isinstance(plan, str):
             report.refused.append({"tenant": tid, "reason": plan})
             continue
-        txn.vault_items.extend(plan.vault_items)
-        for layer, kid, handle in plan.handles:
-            txn.stage(tid, layer, kid, handle)
-        for ev, stale in plan.imported:
-            engine.import_event(txn, tid, ev, stale, at)
-        engine.emit(txn, "TenantHydrated", tid, {
-            "region": engine.region, "epoch": plan.epoch, "from_region": engine.region,
-            "l2_versions": plan.l2_versions, "l3_versions": plan.l3_versions,
-            "cause_event_id": cause}, at)
+        apply_plan(engine, txn, plan, engine.region, cause, at)
         after = engine.tenant(txn, tid)
         if after is not None and after.deleted and after.status == st.ACTIVE:
             engine.emit(txn, "TenantPurgeScheduled", tid, {

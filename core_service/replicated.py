@@ -176,6 +176,17 @@ async def _read_material(
     return out, stats
 
 
+async def read_material(
+    settings: KafkaSettings, tenants: set[str]
+) -> dict[str, dict[tuple[str, str], dict[str, Any] | None]]:
+    """The latest wrapped material of `tenants`: tenant -> (layer, key_id) -> KeyMaterial
+    payload (None where a purge left a tombstone), checked as `read_key_log` checks it."""
+    done = asyncio.Event()
+    done.set()  # nothing to wait for: read to the end offsets as of now
+    out, _ = await _read_material(settings, tenants, done)
+    return out
+
+
 def _material_record(
     raw_key: bytes | None,
     value: bytes | None,
