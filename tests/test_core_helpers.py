@@ -159,3 +159,35 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 def dek_status(url: str, tenant_id: str) -> tuple[int, dict[str, Any]]:
     r = httpx.post(f"{url}/v1/tenants/{tenant_id}/deks", timeout=5)
     return r.status_code, r.json()
+
+
+# --- the Core's HTTP API, for tests --------------------------------------------------------
+
+
+def status(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/v1/status", timeout=10).json()  # type: ignore[no-any-return]
+
+
+def keys(url: str, tenant: str) -> dict[str, Any]:
+    r = httpx.get(f"{url}/v1/tenants/{tenant}/keys", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def new_dek(url: str, tenant: str) -> tuple[str, str]:
+    """(plaintext, wrapped) of a fresh DEK, both base64."""
+    r = httpx.post(f"{url}/v1/tenants/{tenant}/deks", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["plaintext"], r.json()["wrapped"]
+
+
+def unwrap(url: str, tenant: str, wrapped: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/tenants/{tenant}/deks/unwrap", json={"wrapped": wrapped},
+                      timeout=10)
+
+
+def unwrapped(url: str, tenant: str, wrapped: str) -> str:
+    """The plaintext (base64) a DEK unwraps to; the call must succeed."""
+    r = unwrap(url, tenant, wrapped)
+    assert r.status_code == 200, r.text
+    return r.json()["plaintext"]  # type: ignore[no-any-return]

@@ -36,34 +36,21 @@ from tests.test_core_helpers import (
     Lifecycle,
     core_service,
     dek_status,
+    keys,
+    new_dek,
     publish,
     publish_events,
     read_topic,
+    status,
+    unwrap,
     wait_until,
 )
 
 DAY = 86_400.0
 
 
-def status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/status", timeout=5).json()  # type: ignore[no-any-return]
 
 
-def keys(url: str, tenant: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/tenants/{tenant}/keys", timeout=5)
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def new_dek(url: str, tenant: str) -> tuple[str, str]:
-    r = httpx.post(f"{url}/v1/tenants/{tenant}/deks", timeout=5)
-    assert r.status_code == 200, r.text
-    return r.json()["plaintext"], r.json()["wrapped"]
-
-
-def unwrap(url: str, tenant: str, wrapped: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/tenants/{tenant}/deks/unwrap", json={"wrapped": wrapped},
-                      timeout=5)
 
 
 def create_tenants(bootstrap: str, lc: Lifecycle, ids: list[str], regions: list[str],

@@ -20,13 +20,19 @@ import httpx
 
 from openkcm.stack import Stack
 from registry_service.client import RegistryClient
-from tests.test_core_helpers import R1, R2, R3, dek_status, wait_until
-from tests.test_dr_failover_helpers import (
-    hydration_done,
+from tests.test_core_helpers import (
+    R1,
+    R2,
+    R3,
+    dek_status,
     keys,
     new_dek,
     status,
     unwrap,
+    wait_until,
+)
+from tests.test_dr_failover_helpers import (
+    hydration_done,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,14 +19,20 @@ from core_service.log import OWN, EventLog, event_of
 from core_service.state import replay
 from events.signing import SigningKey
 from openkcm.broker import EmbeddedBroker
-from tests.test_core_helpers import R1, R2, Lifecycle, core_service, wait_until
+from tests.test_core_helpers import (
+    R1,
+    R2,
+    Lifecycle,
+    core_service,
+    new_dek,
+    status,
+    unwrap,
+    wait_until,
+)
 from tests.test_dr_failover_helpers import (
     create_tenants,
     declare,
     hydration_done,
-    new_dek,
-    status,
-    unwrap,
 )
 
 

@@ -16,7 +16,12 @@ from events.kafka import KafkaSettings, partition_for
 from events.models import TenantCreated, TenantDefinition
 from events.signing import sign_event
 from openkcm.failover import Declared, declare_failover
-from tests.test_core_helpers import Lifecycle, publish, publish_events
+from tests.test_core_helpers import (
+    Lifecycle,
+    publish,
+    publish_events,
+    status,
+)
 
 
 def create_tenants(bootstrap: str, lc: Lifecycle, tenants: dict[str, list[str]],
@@ -45,25 +50,8 @@ def declare(bootstrap: str, trust_dir: Path, key_dir: Path, src: str, dst: str) 
                                         to_region=dst, trust_dir=trust_dir, key_dir=key_dir))
 
 
-def status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/status", timeout=10).json()  # type: ignore[no-any-return]
 
 
-def keys(url: str, tenant: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/tenants/{tenant}/keys", timeout=10)
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def new_dek(url: str, tenant: str) -> tuple[str, str]:
-    r = httpx.post(f"{url}/v1/tenants/{tenant}/deks", timeout=10)
-    assert r.status_code == 200, r.text
-    return r.json()["plaintext"], r.json()["wrapped"]
-
-
-def unwrap(url: str, tenant: str, wrapped: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/tenants/{tenant}/deks/unwrap", json={"wrapped": wrapped},
-                      timeout=10)
 
 
 def hydration_done(url: str) -> dict[str, Any] | None:

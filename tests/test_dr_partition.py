@@ -41,8 +41,12 @@ from tests.test_core_helpers import (
     R2,
     Lifecycle,
     core_service,
+    keys,
+    new_dek,
     publish_events,
     read_topic,
+    status,
+    unwrapped,
     wait_until,
 )
 
@@ -50,14 +54,6 @@ PERIOD = 2.0  # --l3-period
 FIGURES: dict[str, Any] = {}
 
 
-def status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/v1/status", timeout=5).json()  # type: ignore[no-any-return]
-
-
-def keys(url: str, tenant: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/tenants/{tenant}/keys", timeout=5)
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
 
 
 def tenant_status(url: str, tenant: str) -> str | None:
@@ -65,17 +61,6 @@ def tenant_status(url: str, tenant: str) -> str | None:
     return r.json()["status"] if r.status_code == 200 else None
 
 
-def new_dek(url: str, tenant: str) -> tuple[str, str]:
-    r = httpx.post(f"{url}/v1/tenants/{tenant}/deks", timeout=5)
-    assert r.status_code == 200, r.text
-    return r.json()["plaintext"], r.json()["wrapped"]
-
-
-def unwrap(url: str, tenant: str, wrapped: str) -> str:
-    r = httpx.post(f"{url}/v1/tenants/{tenant}/deks/unwrap", json={"wrapped": wrapped},
-                   timeout=5)
-    assert r.status_code == 200, r.text
-    return r.json()["plaintext"]  # type: ignore[no-any-return]
 
 
 def l4_round(http: httpx.Client, url: str, tenant: str, made: list[tuple[str, str]],
@@ -236,7 +221,7 @@ def test_partition_links_cut_rotation_and_l4_continue_backlog_in_order_drift_rep
         latencies: list[float] = []
         while time.monotonic() - kafka_cut_at < 5 * PERIOD:
             l4_round(http, url, "t2", made, latencies)
-            assert all(unwrap(url, "t1", w) == p for p, w in before)
+            assert all(unwrapped(url, "t1", w) == p for p, w in before)
             time.sleep(0.25)
         during = status(url)
         assert during["registry"]["reachable"] is False
@@ -292,9 +277,9 @@ def test_partition_links_cut_rotation_and_l4_continue_backlog_in_order_drift_rep
             "code"] == "pending_purge"
         # L4 after the heal: every DEK of before and during still unwraps.
         for p, w in made:
-            assert unwrap(url, "t2", w) == p
+            assert unwrapped(url, "t2", w) == p
         for p, w in before:
-            assert unwrap(url, "t1", w) == p
+            assert unwrapped(url, "t1", w) == p
         wait_until(lambda: status(url)["relay"]["backlog"] == 0, what="relay caught up")
         assert status(url)["tenants"].get("purged", 0) == 0
         assert status(url)["consumer"]["dead_letters"] == 0
@@ -404,7 +389,7 @@ def test_registry_sigstopped_core_carries_on_and_repairs_drift_when_it_answers(
         assert keys(url, ghost)["status"] == "pending_purge"
         assert status(url)["registry"]["state"] == "ok"
         for p, w in made:
-            assert unwrap(url, "s1", w) == p
+            assert unwrapped(url, "s1", w) == p
         assert keys(url, "s2")["status"] == "active"
         core.stop()
         print(f"\nsigstop figures: {json.dumps(FIGURES)}")

@@ -31,7 +31,7 @@ from tests.test_dr_partition import (
     new_dek,
     rotation_lateness,
     status,
-    unwrap,
+    unwrapped,
 )
 
 FIGURES: dict[str, Any] = {}
@@ -117,9 +117,9 @@ def test_registry_killed_and_store_corrupted_cores_carry_on_nothing_purged(
                     assert len(lateness) >= 2 and all(0 <= x <= 1.0 for x in lateness)
         for tid, home in homes.items():
             for p, w in deks[tid]:
-                assert unwrap(url[home], tid, w) == p
+                assert unwrapped(url[home], tid, w) == p
         for p, w in made:
-            assert unwrap(url[R1], "a1", w) == p
+            assert unwrapped(url[R1], "a1", w) == p
 
         # Restarted on an empty store (its files deleted, its key kept): it has signed events
         # before, so starting over would re-issue sequence numbers the Cores reject as
@@ -157,7 +157,7 @@ def test_registry_killed_and_store_corrupted_cores_carry_on_nothing_purged(
         url[R1] = cores[R1].url or ""
         for tid, home in homes.items():
             for p, w in deks[tid]:
-                assert unwrap(url[home], tid, w) == p
+                assert unwrapped(url[home], tid, w) == p
         wait_until(lambda: status(url[R2])["rotations"] >= rotations + 2, what="R2 rotating")
         wait_until(lambda: status(url[R1])["rotations"] > 0 and status(url[R1])["registry"][
             "state"] == "unreachable", what="R1 rotating after its restart")

@@ -12,15 +12,22 @@ from pathlib import Path
 from events.signing import SigningKey
 from openkcm.broker import EmbeddedBroker
 from openkcm.links import KafkaLink
-from tests.test_core_helpers import R1, R2, Lifecycle, core_service, dek_status, wait_until
-from tests.test_dr_failover_helpers import (
-    create_tenants,
-    declare,
-    hydration_done,
+from tests.test_core_helpers import (
+    R1,
+    R2,
+    Lifecycle,
+    core_service,
+    dek_status,
     keys,
     new_dek,
     status,
     unwrap,
+    wait_until,
+)
+from tests.test_dr_failover_helpers import (
+    create_tenants,
+    declare,
+    hydration_done,
 )
 
 
