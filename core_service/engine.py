@@ -8,12 +8,10 @@ Also the read path of the Gateway: DEK generate and unwrap from in-memory state 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from core_service.keys import (
     parse_wrapped,
 )
 from core_service.log import IMPORTED, LIFECYCLE, LOCAL, OWN, EventLog, LogMeta
+from core_service.memory import gc_paused
 from core_service.state import CoreState, TenantState, apply
 from events.ids import key_version_id
 from events.kafka import DEFAULT_PARTITIONS, partition_for
@@ -54,23 +53,6 @@ def new_event_id() -> str:
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for one synchronous transaction. A batch of
-    lifecycle events allocates tens of thousands of small containers that nearly all survive
-    (events, states, key versions, blobs), so the collections they would trigger find nothing
-    while scanning ever more objects: a quarter of the ingest time. Reference counting still
-    frees everything meanwhile; a cycle made in between waits for the next collection."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -473,7 +455,7 @@ class Engine:
                         offsets: Mapping[int, tuple[int, int]]) -> None:
         """Apply verified lifecycle events (event JSON, wire bytes, partition) and record the
         consumed offsets (partition -> (next, hwm)) in the same transaction."""
-        with _gc_paused():
+        with gc_paused():
             self._apply_lifecycle(accepted, offsets)
 
     def _apply_lifecycle(self, accepted: list[tuple[dict[str, Any], bytes, int]],
