@@ -30,9 +30,9 @@ from typing import Any
 
 import httpx
 
-from events import topics
-from events.fastpath import read_raw
-from events.kafka import KafkaSettings, assign_from_offsets, make_consumer, read_to_end
+from core_service.replicated import read_key_log
+from events.kafka import KafkaSettings
+from events.signing import TrustStore
 from openkcm.failover import declare_failover
 from openkcm.links import KafkaLink, TcpLink
 from openkcm.report import ScenarioResult
@@ -277,35 +277,21 @@ class Drill:
     # --- the key log --------------------------------------------------------------------
 
     def rotations(self) -> list[dict[str, Any]]:
-        """Every KeyRotated on kcm.core.keys, as {t, region, layer, epoch, tenant}."""
+        """Every authenticated KeyRotated on kcm.core.keys, as {t, region, layer, epoch,
+        tenant}, in time order."""
         assert self.stack.bootstrap is not None
-
-        async def read() -> list[dict[str, Any]]:
-            consumer = make_consumer(KafkaSettings(self.stack.bootstrap or ""))
-            await consumer.start()
-            out = []
-            try:
-                tps = await assign_from_offsets(consumer, topics.CORE_KEYS, {})
-                async for _tp, records in read_to_end(consumer, tps):
-                    for rec in records:
-                        try:
-                            ev = read_raw(rec.value)
-                        except ValueError:
-                            continue
-                        if ev.type != "KeyRotated":
-                            continue
-                        p = ev.payload
-                        when = datetime.fromisoformat(ev.data["occurred_at"]).timestamp()
-                        out.append({"t": round(when - self.wall0, 3), "region": p["region"],
-                                    "layer": p["key"]["layer"], "epoch": p["epoch"],
-                                    "tenant": ev.tenant_id, "event_id": ev.event_id})
-            finally:
-                await consumer.stop()
-            return out
-
+        logs, _ = asyncio.run(read_key_log(KafkaSettings(self.stack.bootstrap),
+                                           TrustStore(self.stack.trust_dir)))
         seen: dict[str, dict[str, Any]] = {}
-        for rot in asyncio.run(read()):
-            seen[rot.pop("event_id")] = rot
+        for log in logs.values():
+            for ev in log.events:
+                if ev["type"] != "KeyRotated":
+                    continue
+                p = ev["payload"]
+                when = datetime.fromisoformat(ev["occurred_at"]).timestamp()
+                seen[ev["event_id"]] = {"t": round(when - self.wall0, 3), "region": p["region"],
+                                        "layer": p["key"]["layer"], "epoch": p["epoch"],
+                                        "tenant": ev["tenant_id"]}
         return sorted(seen.values(), key=lambda r: r["t"])
 
 
