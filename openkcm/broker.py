@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import signal
 import socket
 import subprocess
@@ -179,8 +178,3 @@ def run_foreground(host: str, port: int, log_path: Path | None, announce: object
     broker.process = None
     return 0 if stopping else (code or 1)
 
-
-def bootstrap_from_env() -> str | None:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get(
-        "OPENKCM_BOOTSTRAP_SERVERS"
-    )

@@ -120,31 +120,8 @@ def new_dek() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
-def write_key_file(path: str | os.PathLike[str]) -> None:
-    """Create a raw 32-byte key file (mode 0600) atomically; fails if it already exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(os.urandom(KEY_BYTES))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
-def read_key_file(path: str | os.PathLike[str]) -> KeyHandle:
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if len(raw) != KEY_BYTES:
-        raise ValueError(f"{path}: an AES-256 key file holds exactly 32 bytes")
-    return KeyHandle(raw)
-
-
-def import_key(raw: bytes) -> KeyHandle:
-    """Key bytes from a trusted source inside this process (a key file's entry)."""
-    return KeyHandle(raw)
-
-
-def export_key_for_file(key: KeyHandle) -> bytes:
-    """The raw bytes of a root key for the local L1 provider's own key file only."""
-    return key._bytes()
 
 
 # --- The local L1 provider's keyring file -------------------------------------------------
