@@ -51,15 +51,13 @@ def main() -> None:
             encode(decode(r))
         return N
 
+    signed = [(event_digest(env), key._private.sign(event_digest(env))) for env in envs[:2000]]
+
     def ed25519_per_event() -> int:
         pub = key.public_key
-        n = 2000
-        for env in envs[:n]:
-            try:
-                pub.verify(b"\0" * 64, event_digest(env))
-            except Exception:  # noqa: BLE001 - measuring cost, the signature is not real
-                pass
-        return n
+        for digest, sig in signed:
+            pub.verify(sig, digest)  # a valid signature per event: the cost chains avoid
+        return len(signed)
 
     def chain_verify_decoded() -> int:
         verifier = ChainVerifier(trust)
